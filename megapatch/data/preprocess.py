@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -151,7 +152,9 @@ def preprocess(
     sources = resolve_sources(cfg.input, cfg.input_format)
     check_sources(sources, cfg.json_key)
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    with warnings.catch_warnings():  # importing megatron.core warns that TE/apex are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     dtype = DType.optimal_dtype(tok.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
