@@ -101,14 +101,16 @@ def _format_of(path: str, input_format: str) -> str:
     )
 
 
-def _known(path: str) -> bool:
+def _known(path: str, input_format: str) -> bool:
     name = path[:-3] if path.endswith(".gz") else path
-    return name.endswith(_JSONL_EXT + _TEXT_EXT)
+    return input_format != "auto" or name.endswith(_JSONL_EXT + _TEXT_EXT)
 
 
 def resolve_sources(inputs: Iterable[str], input_format: str = "auto") -> list[Source]:
     """Expand ``--input`` items (files, directories, globs, embedded parts) into sources.
 
+    Directories (recursively) and globs keep the files with a corpus extension (all files when
+    ``input_format`` is given); every list is sorted, so the order is reproducible.
     Raises :class:`DataError` for a missing path, a glob or directory without corpus files,
     or a file whose format cannot be told; nothing is read yet.
     """
@@ -129,14 +131,15 @@ def resolve_sources(inputs: Iterable[str], input_format: str = "auto") -> list[S
                 os.path.join(root, name)
                 for root, _, names in os.walk(item)
                 for name in names
-                if _known(name)
+                if _known(name, input_format)
             )
             if not found:
                 raise DataError(f"directory {item} holds no .jsonl/.json/.txt/.md(.gz) files")
         elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            matches = glob.glob(item, recursive=True)
+            found = sorted(p for p in matches if os.path.isfile(p) and _known(p, input_format))
             if not found:
-                raise DataError(f"--input glob {item} matches no file; check the pattern")
+                raise DataError(f"--input glob {item} matches no corpus file; check the pattern")
         elif os.path.isfile(item):
             found = [item]
         else:

@@ -200,7 +200,9 @@ def train_tokenizer(
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     _write_atomic(model_path, model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    table = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.vocab_size()))
+    table = "".join(
+        f"{_shown(sp.id_to_piece(i))}\t{sp.get_score(i)}\n" for i in range(sp.vocab_size())
+    )
     _write_atomic(vocab_path, table.encode("utf-8"))
     return TrainTokenizerResult(model_path, sp.vocab_size(), n_docs, n_chars, skips.skipped)
 
@@ -220,6 +222,11 @@ def _vocab_error(err: RuntimeError, cfg: TrainTokenizerConfig) -> Exception:
             "raise --vocab-size or lower --character-coverage"
         )
     return DataError(f"sentencepiece training failed: {msg.splitlines()[-1]}")
+
+
+def _shown(piece: str) -> str:
+    """A piece for the .vocab listing: control characters escaped (one piece per line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in piece)
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Process-level runtime: torch.distributed, megatron parallel state, CPU shims."""
