@@ -226,6 +226,13 @@ def read_meta(prefixes: list[str]) -> list[dict]:
     return metas
 
 
+def _token_count(prefix: str) -> int:
+    # Keep the dataset referenced while reading: its __del__ closes the memory map under any
+    # array still viewing it (``IndexedDataset(p).sequence_lengths.sum()`` would segfault).
+    dataset = IndexedDataset(prefix)
+    return int(dataset.sequence_lengths.sum())
+
+
 def build_streams(
     config: DataConfig,
     tokens_per_split: tuple[int, int, int],
@@ -237,7 +244,7 @@ def build_streams(
     if config.stream_chunk_length < 2:
         raise DataError("--stream-chunk-length must be >= 2")
     if weights is None and len(prefixes) > 1:
-        weights = [float(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes]
+        weights = [float(_token_count(p)) for p in prefixes]
     cache = config.data_cache_path or os.path.join(
         os.path.dirname(os.path.abspath(prefixes[0])), "index-cache"
     )

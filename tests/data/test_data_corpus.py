@@ -117,7 +117,7 @@ def test_gzip_directories_and_globs(tmp_path):
     ("make", "message"),
     [
         (lambda p: str(p / "missing.jsonl"), "input file not found: .*missing.jsonl; check"),
-        (lambda p: str(p / "*.nothing"), "matches no file"),
+        (lambda p: str(p / "*.nothing"), "matches no corpus file"),
         (lambda p: str(p), "holds no .jsonl"),
         (lambda p: (p / "x.csv").write_text("a") and str(p / "x.csv"), "--input-format"),
     ],
