@@ -64,7 +64,10 @@ def _init_worker(model_bytes: bytes, dtype: str, prefix: list[int], suffix: list
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
     w = _WORKER
-    return [np.array(w["prefix"] + ids + w["suffix"], w["dtype"]) for ids in w["sp"].encode(texts)]
+    return [
+        np.array(w["prefix"] + ids + w["suffix"], w["dtype"])
+        for ids in w["sp"].encode(texts, num_threads=1)
+    ]
 
 
 # --- main side --------------------------------------------------------------------------------
