@@ -120,9 +120,6 @@ class DataConfig:
     tokenizer_model: str | None = arg(
         None, "sentencepiece model; only needed for --eod-mask-loss without PREFIX.meta.json."
     )
-    make_vocab_size_divisible_by: int = arg(
-        128, "Pad the vocabulary to a multiple of this times the tensor-parallel size."
-    )
     num_workers: int = arg(2, "DataLoader worker processes.")
 
 

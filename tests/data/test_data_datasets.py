@@ -328,3 +328,13 @@ def test_bad_data_settings(data, tmp_path, spm_model):
     preprocess(cfg, report=lambda msg: None)
     with pytest.raises(DataError, match="tokenized with different tokenizers"):
         build_stage_datasets(_config(data, data_path=[data["a"], str(tmp_path / "tiny2")]), stages)
+
+
+def test_datasets_survive_pickling_for_spawned_loader_workers(data):
+    import pickle
+
+    cfg = _config(data, data_path=["1", data["a"], "2", data["b"]], seq_length=16)
+    dataset = build_stage_datasets(cfg, [StageSpec(2, 32, 30)]).train[0]
+    clone = pickle.loads(pickle.dumps(dataset))
+    for i in (0, 13, 29):
+        assert all(torch.equal(clone[i][key], dataset[i][key]) for key in dataset[i])
