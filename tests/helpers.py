@@ -48,5 +48,5 @@ def make_samples(n_samples: int, patch_size: int, patches: int, vocab: int, seed
     x[:, 1::5] = x[:, 0::5][:, : x[:, 1::5].size(1)]  # repeated tokens
     tokens, labels = x[:, : k * t], x[:, k:]
     loss_mask = (torch.rand(n_samples, k * t, generator=g) > 0.15).float()
-    position_ids = torch.arange(k * t).expand(n_samples, -1).contiguous()
+    position_ids = (torch.arange(k * t) // k).expand(n_samples, -1).contiguous()  # patch index
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)

@@ -12,7 +12,6 @@ With K=1 it is exactly megatron's embedding.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
@@ -29,7 +28,11 @@ class PatchEmbedding(LanguageModelEmbedding):
     def forward(
         self, input_ids: Tensor, position_ids: Tensor | None, tokentype_ids: int | None = None
     ) -> Tensor:
-        """[b, K*T] token ids (and token positions) -> [T, b, h] (or [T/tp, b, h] under SP)."""
+        """[b, K*T] token ids -> [T, b, h] (or [T/tp, b, h] under SP).
+
+        ``position_ids`` [b, K*T] hold each token's patch index (j // K); only a learned
+        position table reads them (RoPE positions follow the sequence length).
+        """
         k = self.patch_size
         if k == 1:
             return super().forward(input_ids, position_ids, tokentype_ids)
@@ -59,8 +62,9 @@ class PatchEmbedding(LanguageModelEmbedding):
                 partial, group=table.tp_group
             )
         if self.add_position_embedding:
-            # Learned positions are indexed by patch: the patch index of each patch's first token.
-            patch_pos = position_ids[:, ::k] // k
+            # Learned positions are indexed by patch. position_ids give each token the index of
+            # its patch (j // K, as the data pipeline writes them): take one per patch.
+            patch_pos = position_ids[:, ::k]
             emb = emb + self.position_embeddings(patch_pos)
         if not self.reduce_scatter_embeddings:
             emb = emb.transpose(0, 1).contiguous()

@@ -35,7 +35,7 @@ def _rows_per_chunk(vocab: int) -> int:
 
 class _MultiTokenVocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, group) -> Tensor:  # noqa: ANN001
+    def forward(ctx, logits: Tensor, targets: Tensor, group, reuse: bool) -> Tensor:  # noqa: ANN001
         vocab = logits.size(-1)
         k = targets.size(-1)
         lead = targets.shape[:-1]
@@ -63,10 +63,11 @@ class _MultiTokenVocabParallelCE(torch.autograd.Function):
         loss = (torch.log(sumexp) + zmax)[:, None] - packed[:, 1:]
 
         ctx.save_for_backward(logits, zmax, sumexp, local_t, owned)
+        ctx.reuse = reuse
         return loss.view(*lead, k)
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # noqa: ANN205
+    def backward(ctx, grad_loss: Tensor):  # noqa: ANN001, ANN205
         logits, zmax, sumexp, local_t, owned = ctx.saved_tensors
         vocab = logits.size(-1)
         k = local_t.size(-1)
@@ -74,7 +75,9 @@ class _MultiTokenVocabParallelCE(torch.autograd.Function):
         g = grad_loss.reshape(-1, k).float()
         scale = g.sum(dim=-1) / sumexp  # softmax weight: sum_k g_k / sum exp
         minus_g = (-g).masked_fill(~owned, 0.0)
-        grad = torch.empty_like(z)
+        # The gradient goes into the logits' own storage when the caller hands them over
+        # (they are dead once the loss is computed), else into a new buffer.
+        grad = z if ctx.reuse else torch.empty_like(z)
         step = _rows_per_chunk(vocab)
         for s in range(0, z.size(0), step):
             e = s + step
@@ -87,11 +90,14 @@ class _MultiTokenVocabParallelCE(torch.autograd.Function):
                 chunk = torch.exp(z[s:e].float() - zmax[s:e, None]).mul_(scale[s:e, None])
                 chunk.scatter_add_(1, local_t[s:e], minus_g[s:e])
                 grad[s:e].copy_(chunk)
-        return grad.view_as(logits), None, None
+        return grad.view_as(logits), None, None, None
 
 
 def vocab_parallel_multi_token_cross_entropy(
-    logits: Tensor, targets: Tensor, group: torch.distributed.ProcessGroup | None = None
+    logits: Tensor,
+    targets: Tensor,
+    group: torch.distributed.ProcessGroup | None = None,
+    logits_are_temporary: bool = False,
 ) -> Tensor:
     """Per-target cross-entropy of K targets under one softmax, vocab-parallel over ``group``.
 
@@ -99,6 +105,9 @@ def vocab_parallel_multi_token_cross_entropy(
         logits: [..., V/tp] this rank's vocab shard of the logits (any float dtype).
         targets: [..., K] global token ids (int64); K=1 is ordinary next-token CE.
         group: the tensor-parallel group (None or size 1: no communication).
+        logits_are_temporary: the caller drops ``logits`` after this call (as the model does),
+            so the backward pass may write the gradient into their storage, saving a
+            logits-sized buffer. The forward pass never modifies them either way.
 
     Returns:
         [..., K] fp32 losses, ``loss[..., k] = logsumexp(logits) - logits[targets[..., k]]``.
@@ -110,4 +119,4 @@ def vocab_parallel_multi_token_cross_entropy(
         )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    return _MultiTokenVocabParallelCE.apply(logits, targets.long(), group)
+    return _MultiTokenVocabParallelCE.apply(logits, targets.long(), group, logits_are_temporary)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -46,9 +47,16 @@ def cuda_available() -> bool:
 def check_mcore_version(version: str | None = None) -> None:
     """Refuse a megatron-core version these shims were not written for."""
     if version is None:
-        import megatron.core
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
 
-        version = megatron.core.__version__
+        try:
+            version = dist_version("megatron-core")
+        except PackageNotFoundError as err:
+            raise RuntimeError(
+                f"megatron-core is not installed: pip install megatron-core=="
+                f"{SUPPORTED_MCORE_VERSION}"
+            ) from err
     if version != SUPPORTED_MCORE_VERSION:
         raise RuntimeError(
             f"megapatch's CPU compatibility shims were written for megatron-core "
@@ -236,7 +244,13 @@ def _patch_torch_cuda() -> None:
     torch.cuda.set_device = lambda *a, **k: None
 
 
+_rng_patched = False
+
+
 def _patch_megatron_rng() -> None:
+    global _rng_patched
+    if _rng_patched:
+        return
     from megatron.core.tensor_parallel import random as mrandom
 
     def initialize_rng_tracker(*_: Any, force_reset: bool = False, **__: Any) -> None:
@@ -248,6 +262,17 @@ def _patch_megatron_rng() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     initialize_rng_tracker(force_reset=True)
+    _rng_patched = True
+
+
+def ensure_megatron_patched() -> None:
+    """Patch megatron's RNG tracker (no-op with CUDA). Called before megatron state is set up.
+
+    Kept apart from :func:`install` because importing megatron-core costs seconds, which
+    processes that never touch it (harness workers, data workers) should not pay.
+    """
+    if _installed:
+        _patch_megatron_rng()
 
 
 def install() -> bool:
@@ -263,9 +288,10 @@ def install() -> bool:
             return True
         check_mcore_version()
         _patch_torch_cuda()
-        _patch_megatron_rng()
         _patch_tensor_factories()
         _installed = True
+    if "megatron.core" in sys.modules:
+        _patch_megatron_rng()
     return True
 
 

@@ -80,6 +80,7 @@ def initialize_model_parallel(layout: ParallelLayout) -> None:
     """(Re)initialise megatron-core's parallel state for ``layout`` on the current world."""
     from megatron.core import parallel_state
 
+    cpu_compat.ensure_megatron_patched()
     world = torch.distributed.get_world_size()
     layout.data_parallel_size(world)  # validates
     if parallel_state.model_parallel_is_initialized():
@@ -99,6 +100,7 @@ def set_random_seeds(seed: int) -> None:
     """
     from megatron.core import tensor_parallel
 
+    cpu_compat.ensure_megatron_patched()
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
