@@ -222,22 +222,32 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5, help="Timed repetitions per measurement.")
     p.add_argument("--patch-size", type=int, default=4, help="K for the loss benchmark.")
     p.add_argument(
+        "--only", choices=["loss", "model"], default=None, help="Run one part of the benchmark."
+    )
+    p.add_argument(
         "--out", default=str(ROOT / "benchmarks/results/bench_model.json"), help="JSON output."
     )
     args = p.parse_args()
     torch.set_num_threads(2)
     n, v = (256, 2048) if args.quick else (2048, 32000)
-    loss_rows = bench_loss(n, v, args.patch_size, args.reps)
-    model = bench_model(args.quick, args.reps)
+    loss_rows = bench_loss(n, v, args.patch_size, args.reps) if args.only != "model" else []
+    model = bench_model(args.quick, args.reps) if args.only != "loss" else None
 
-    print(f"\n(a) loss forward+backward, {n} positions x vocab {v}, K={args.patch_size}")
-    print(f"{'dtype':9} {'variant':44} {'ms':>8} {'x time':>7} {'peak MiB':>9} {'x mem':>6}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(loss=loss_rows, model=model, quick=args.quick), indent=2))
+    if loss_rows:
+        print(f"\n(a) loss forward+backward, {n} positions x vocab {v}, K={args.patch_size}")
+        print(f"{'dtype':9} {'variant':44} {'ms':>8} {'x time':>7} {'peak MiB':>9} {'x mem':>6}")
     for r in loss_rows:
         print(
             f"{r['dtype']:9} {LOSS_LABELS[r['variant']]:44} {r['seconds'] * 1e3:8.1f} "
             f"{r['time_vs_megatron']:7.2f} {_fmt_mb(r['peak_bytes'])} "
             f"{r['memory_vs_megatron']:6.2f}"
         )
+    if model is None:
+        print(f"\nwrote {out}")
+        return 0
     print(f"\n(b) model forward+backward, {model['model']}, {model['tokens_per_step']} tokens/step")
     print(f"{'model':32} {'s/step':>8} {'tokens/s':>10} {'ratio':>7}")
     print(
@@ -252,9 +262,6 @@ def main() -> int:
         f"{'PatchGPTModel K=4 (B/4 x 4T)':32} {model['k4_seconds']:8.3f} "
         f"{model['k4_tokens_per_s']:10.0f} {model['k4_vs_k1_tokens_per_s']:7.2f}  (vs K=1)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(loss=loss_rows, model=model, quick=args.quick), indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -11,13 +11,15 @@ token is masked.
 Under tensor parallelism each rank holds a vocab shard of the logits. The forward pass does
 one MAX all-reduce of [N] and one SUM all-reduce of [N, K+1] (the sum of exponentials and the K
 target logits, each gathered from the rank that owns the target). Nothing logits-sized is
-communicated and K copies of the logits are never made; the caller's logits (fp32 or bf16) are
-never modified. The backward pass recomputes the softmax chunk by chunk from the saved logits:
+communicated and K copies of the logits are never made. The work happens in ONE fp32 buffer,
+as in megatron's single-target loss: it holds the softmax after the forward pass and becomes
+the gradient in the backward pass:
 
     dL/dz = softmax(z) * sum_k g_k  -  sum_k g_k * onehot(x_k)
 
-(scatter-add, so a token repeated inside a patch accumulates its gradients). Work in fp32
-happens in row chunks, which bounds the temporary memory for bf16 logits.
+(scatter-add, so a token repeated inside a patch accumulates its gradients). The caller's logits
+are never modified, unless the caller declares them temporary (the model does: they die with
+the loss), in which case fp32 logits themselves serve as that buffer.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
-
-_CHUNK_ELEMENTS = 1 << 24  # rows per chunk = this / vocab shard (64 MiB of fp32 temporaries)
-
-
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
 class _MultiTokenVocabParallelCE(torch.autograd.Function):
@@ -43,54 +39,39 @@ class _MultiTokenVocabParallelCE(torch.autograd.Function):
         rank = group.rank() if group is not None else 0
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(vocab, rank, world)
 
-        z = logits.reshape(-1, vocab)
-        t = targets.reshape(-1, k)
-        zmax = z.max(dim=-1).values.float()
+        if logits.dtype != torch.float32:
+            work = logits.float()  # a new buffer
+        else:
+            work = logits if reuse else logits.clone()
+        # No views of ``work``: in-place ops on a view of an autograd input are refused.
+        zmax = work.max(dim=-1).values
         if world > 1:
             torch.distributed.all_reduce(zmax, op=torch.distributed.ReduceOp.MAX, group=group)
 
-        owned = (t >= start) & (t < end)
-        local_t = (t - start).masked_fill(~owned, 0)
-        packed = torch.empty(z.size(0), k + 1, dtype=torch.float32, device=z.device)
-        packed[:, 1:] = torch.gather(z, 1, local_t).float().masked_fill(~owned, 0.0)
-        step = _rows_per_chunk(vocab)
-        for s in range(0, z.size(0), step):
-            e = s + step
-            packed[s:e, 0] = torch.exp(z[s:e].float() - zmax[s:e, None]).sum(dim=-1)
+        owned = (targets >= start) & (targets < end)
+        local_t = (targets - start).masked_fill(~owned, 0)
+        packed = torch.empty(*lead, k + 1, dtype=torch.float32, device=work.device)
+        packed[..., 1:] = torch.gather(work, -1, local_t).masked_fill(~owned, 0.0)
+        work.sub_(zmax.unsqueeze(-1)).exp_()
+        torch.sum(work, dim=-1, out=packed[..., 0])
         if world > 1:
             torch.distributed.all_reduce(packed, group=group)
-        sumexp = packed[:, 0]
-        loss = (torch.log(sumexp) + zmax)[:, None] - packed[:, 1:]
+        sumexp = packed[..., 0]
+        loss = (torch.log(sumexp) + zmax).unsqueeze(-1) - packed[..., 1:]
+        work.div_(sumexp.unsqueeze(-1))  # softmax, kept for the backward pass
 
-        ctx.save_for_backward(logits, zmax, sumexp, local_t, owned)
-        ctx.reuse = reuse
-        return loss.view(*lead, k)
+        ctx.save_for_backward(work, local_t, owned)
+        ctx.out_dtype = logits.dtype
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # noqa: ANN001, ANN205
-        logits, zmax, sumexp, local_t, owned = ctx.saved_tensors
-        vocab = logits.size(-1)
-        k = local_t.size(-1)
-        z = logits.reshape(-1, vocab)
-        g = grad_loss.reshape(-1, k).float()
-        scale = g.sum(dim=-1) / sumexp  # softmax weight: sum_k g_k / sum exp
-        minus_g = (-g).masked_fill(~owned, 0.0)
-        # The gradient goes into the logits' own storage when the caller hands them over
-        # (they are dead once the loss is computed), else into a new buffer.
-        grad = z if ctx.reuse else torch.empty_like(z)
-        step = _rows_per_chunk(vocab)
-        for s in range(0, z.size(0), step):
-            e = s + step
-            if z.dtype == torch.float32:
-                out = grad[s:e]
-                torch.sub(z[s:e], zmax[s:e, None], out=out)
-                out.exp_().mul_(scale[s:e, None])
-                out.scatter_add_(1, local_t[s:e], minus_g[s:e])
-            else:
-                chunk = torch.exp(z[s:e].float() - zmax[s:e, None]).mul_(scale[s:e, None])
-                chunk.scatter_add_(1, local_t[s:e], minus_g[s:e])
-                grad[s:e].copy_(chunk)
-        return grad.view_as(logits), None, None, None
+        softmax, local_t, owned = ctx.saved_tensors
+        g = grad_loss.float()
+        grad = softmax  # becomes the gradient in place
+        grad.mul_(g.sum(dim=-1, keepdim=True))
+        grad.scatter_add_(-1, local_t, (-g).masked_fill(~owned, 0.0))
+        return grad.to(ctx.out_dtype), None, None, None
 
 
 def vocab_parallel_multi_token_cross_entropy(
@@ -106,8 +87,8 @@ def vocab_parallel_multi_token_cross_entropy(
         targets: [..., K] global token ids (int64); K=1 is ordinary next-token CE.
         group: the tensor-parallel group (None or size 1: no communication).
         logits_are_temporary: the caller drops ``logits`` after this call (as the model does),
-            so the backward pass may write the gradient into their storage, saving a
-            logits-sized buffer. The forward pass never modifies them either way.
+            so fp32 logits may serve as the working buffer (overwritten), saving a
+            logits-sized copy. Otherwise they are never modified.
 
     Returns:
         [..., K] fp32 losses, ``loss[..., k] = logsumexp(logits) - logits[targets[..., k]]``.

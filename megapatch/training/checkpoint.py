@@ -1,16 +1,48 @@
-"""Model weights through megatron ``dist_checkpointing`` (layout-independent on disk).
+"""Checkpoints through megatron ``dist_checkpointing``: layout-independent, atomic, resumable.
 
-A checkpoint saved at one TP/PP/VPP layout loads at any other: tensors are stored by their
-global (unsharded) keys, and megatron reshards on load.
+On disk, under a checkpoint root (``RUN_DIR/checkpoints``)::
+
+    iter_0000100/                      one complete checkpoint (a megatron dist checkpoint)
+        megapatch.json                 what it is: step, stage, tokens, configs (see below)
+        metadata.json, *.distcp, ...   megatron's files: model (+ optimizer, scheduler, RNG)
+    latest_checkpointed_iteration.txt  "iter_0000100": the newest COMPLETE checkpoint
+
+A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed only after every rank has
+finished and ``megapatch.json`` is in place, then the ``latest`` file is replaced atomically:
+a crash mid-save never leaves a partial checkpoint that looks complete. Model tensors are
+stored by their global (unsharded) keys, so a checkpoint saved at one TP/PP/VPP layout loads
+at any other; the optimizer state is saved ``fully_reshardable`` by default.
+
+State-dict keys: ``model`` (or ``model0``, ``model1``, ... for virtual pipeline chunks),
+``optimizer``, ``opt_param_scheduler``, ``rng_state`` (one sharded object per rank).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 from typing import Any
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+CHECKPOINT_META = "megapatch.json"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+OPTIMIZER_SHARDING = "fully_reshardable"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or incompatible checkpoint (the message names the path)."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"iter_{step:07d}"
 
 
 def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -31,8 +63,195 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
 
 
+def _rng_sharded_object() -> ShardedObject:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": _tracker_states(),
+    }
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    return ShardedObject(
+        "rng_state", state, (pp_size, tp_size, dp_size), (pp, tp, dp), replica_id=0
+    )
+
+
+def _tracker_states() -> dict[str, torch.Tensor]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker().get_states()
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state_dict(
+    chunks: list[torch.nn.Module],
+    optimizer: Any | None,
+    scheduler: Any | None,
+    with_rng: bool,
+    is_loading: bool,
+) -> dict[str, Any]:
+    sd = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+        )
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        sd["rng_state"] = _rng_sharded_object()
+    return sd
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    root: str,
+    step: int,
+    chunks: list[torch.nn.Module],
+    meta: dict[str, Any],
+    *,
+    optimizer: Any | None = None,
+    scheduler: Any | None = None,
+    with_rng: bool = True,
+    keep_last: int | None = None,
+) -> str:
+    """Write a complete checkpoint of ``step`` under ``root`` (collective); return its path."""
+    rank = torch.distributed.get_rank()
+    final = os.path.join(root, checkpoint_name(step))
+    partial = final + ".partial"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(partial):
+            shutil.rmtree(partial)  # left by a crash: never complete, safe to drop
+        os.makedirs(partial)
+    torch.distributed.barrier()
+    sd = _state_dict(chunks, optimizer, scheduler, with_rng, is_loading=False)
+    dist_checkpointing.save(sd, partial)
+    torch.distributed.barrier()
+    if rank == 0:
+        body = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
+        _write_text_atomic(os.path.join(partial, CHECKPOINT_META), json.dumps(body, indent=2))
+        if os.path.exists(final):
+            shutil.rmtree(final)  # re-saving the same step (e.g. after a resume)
+        os.replace(partial, final)
+        _write_text_atomic(os.path.join(root, LATEST_FILE), checkpoint_name(step) + "\n")
+        if keep_last:
+            _prune(root, keep_last)
+    torch.distributed.barrier()
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(
+        n
+        for n in os.listdir(root)
+        if n.startswith("iter_")
+        and not n.endswith(".partial")
+        and os.path.isfile(os.path.join(root, n, CHECKPOINT_META))
+    )
+    return [os.path.join(root, n) for n in names]
+
+
+def _prune(root: str, keep_last: int) -> None:
+    for path in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_latest(root: str) -> str | None:
+    """The newest complete checkpoint under ``root``, or None when there is none."""
+    latest = os.path.join(root, LATEST_FILE)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.isfile(os.path.join(path, CHECKPOINT_META)):
+            return path
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """``megapatch.json`` of a checkpoint; a clear error when it is not a complete one."""
+    meta_path = os.path.join(path, CHECKPOINT_META)
+    if not os.path.isfile(meta_path):
+        if os.path.isdir(path) and path.rstrip("/").endswith(".partial"):
+            raise CheckpointError(f"{path} is an incomplete checkpoint (a save was interrupted)")
+        raise CheckpointError(
+            f"{path} is not a megapatch checkpoint (no {CHECKPOINT_META}); pass a directory "
+            f"like RUN_DIR/checkpoints/iter_0000100, or the checkpoints root to take the latest"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION or not meta.get("complete"):
+        raise CheckpointError(
+            f"{meta_path}: unsupported format version {meta.get('format_version')} "
+            f"(expected {FORMAT_VERSION}) or incomplete"
+        )
+    return meta
+
+
+def load_checkpoint(
+    path: str,
+    chunks: list[torch.nn.Module],
+    *,
+    optimizer: Any | None = None,
+    scheduler: Any | None = None,
+    with_rng: bool = False,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load ``path`` (saved at any layout) into this rank's chunks (collective); return meta.
+
+    Pass ``optimizer``/``scheduler``/``with_rng`` to resume them too (the RNG only at the
+    layout it was saved at); model-only loading starts fresh optimizer state.
+    """
+    meta = read_meta(path)
+    sd = _state_dict(chunks, optimizer, scheduler, with_rng, is_loading=True)
+    if scheduler is not None:
+        sd.pop("opt_param_scheduler")
+    loaded = dist_checkpointing.load(sd, path)
+    models = [unwrap_model(c) for c in chunks]
+    if len(models) == 1:
+        models[0].load_state_dict(loaded["model"], strict=strict)
+    else:
+        for i, m in enumerate(models):
+            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        common = dist_checkpointing.load_common_state_dict(path)
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if with_rng:
+        _restore_rng(loaded["rng_state"])
+    return meta
+
+
 def save_model(chunks: list[torch.nn.Module], directory: str) -> None:
-    """Save the model weights of every rank's chunks into ``directory`` (collective)."""
+    """Save only the model weights into ``directory`` (collective; no metadata)."""
     if torch.distributed.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     torch.distributed.barrier()
@@ -40,7 +259,7 @@ def save_model(chunks: list[torch.nn.Module], directory: str) -> None:
 
 
 def load_model(chunks: list[torch.nn.Module], directory: str, strict: bool = True) -> None:
-    """Load weights saved at any layout into this rank's chunks (collective)."""
+    """Load weights saved at any layout (by ``save_model`` or ``save_checkpoint``)."""
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
     models = [unwrap_model(c) for c in chunks]
     if len(models) == 1:
