@@ -8,7 +8,9 @@ and the fix, before anything expensive (process groups, models, data) is built.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,19 +19,72 @@ class ConfigError(ValueError):
     """A bad configuration value: the message names the field (as its flag) and the fix."""
 
 
-def arg(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with help text (and an optional explicit flag name)."""
-    meta = {"help": help}
+def arg(default: Any, help: str, flag: str | None = None, **meta: Any) -> Any:  # noqa: A002
+    """A dataclass field with help text, an optional explicit flag and extra metadata
+    (e.g. ``choices``); lists and dicts get a fresh copy per instance."""
+    metadata = {"help": help, **meta}
     if flag:
-        meta["flag"] = flag
+        metadata["flag"] = flag
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def flag_name(f: dataclasses.Field) -> str:
     """The command-line flag of a config field (``--num-layers`` for ``num_layers``)."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _arg_type(hint: Any) -> tuple[Any, bool, tuple | None]:
+    """(scalar type, is_list, choices) of a type hint: int, str | None, list[str], Literal."""
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, None
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), False, choices
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return _arg_type(args[0])[0], False, _arg_type(args[0])[2]
+    return hint, False, None
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser | Any,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    dest_prefix: str = "",
+    suppress_defaults: bool = False,
+) -> None:
+    """Add one flag per field of dataclass ``cls`` (help text, type, choices, default).
+
+    ``dest_prefix`` namespaces the destinations (``model.num_layers``); with
+    ``suppress_defaults`` a flag that is not given leaves no attribute, so it overrides nothing.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ, is_list, choices = _arg_type(hints[f.name])
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        kw: dict[str, Any] = {"dest": dest_prefix + f.name, "help": f.metadata["help"]}
+        kw["default"] = argparse.SUPPRESS if suppress_defaults else default
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ
+            kw["nargs"] = "+" if is_list else None
+            choices = f.metadata.get("choices", choices)
+            if choices:
+                kw["choices"] = choices
+        if default is not None and typ is not bool:
+            kw["help"] += f" (default: {default})"
+        parser.add_argument(flag_name(f), **kw)
+
+
+def from_args(cls: type, namespace: argparse.Namespace) -> Any:
+    """Build dataclass ``cls`` from a namespace filled by :func:`add_arguments`."""
+    names = [f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
+    return cls(**{name: getattr(namespace, name) for name in names})
 
 
 @dataclass
@@ -120,6 +175,17 @@ class ParallelConfig:
         False, "Sequence parallelism over the TP group (norms/dropout sharded along sequence)."
     )
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size on ``world_size`` ranks, or a clear error when the layout does not fit."""
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if mp < 1 or world_size % mp:
+            raise ConfigError(
+                f"{world_size} rank(s) are not divisible by --tensor-model-parallel-size "
+                f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
+                f"({self.pipeline_model_parallel_size}); change the layout or the number of ranks"
+            )
+        return world_size // mp
+
     def validate(self, model: ModelConfig | None = None) -> None:
         """Refuse layouts that cannot work, naming the flag and the fix."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -196,3 +262,238 @@ class PrecisionConfig:
             )
         if not self.bf16:
             raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 elsewhere)")
+
+
+@dataclass
+class StagesConfig:
+    """Patch-level training: the patch stage (K, λ) then token level, same weights."""
+
+    patch_size: int = arg(4, "K: tokens per patch in the patch stage (1 = no patch stage).")
+    patch_fraction: float = arg(
+        2 / 3, "λ: share of the token budget trained at patch level (the rest at token level)."
+    )
+    patch_context: Literal["KT", "T"] = arg(
+        "KT",
+        "Patch-stage samples: 'KT' = K*T tokens (T patches) with B/K samples per step (the "
+        "paper's choice); 'T' = T tokens (T/K patches) with B samples per step.",
+    )
+    stage_boundary: Literal["reset", "continue"] = arg(
+        "reset",
+        "At the switch to token level: 'reset' = new optimizer state and a new LR schedule with "
+        "warmup (the paper's recipe); 'continue' = keep both across the switch.",
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Budget, batch shape, evaluation and exit conditions."""
+
+    train_tokens: int = arg(
+        1_048_576, "Token budget of the whole run (both stages), in input tokens."
+    )
+    global_batch_size: int = arg(
+        32,
+        "B: samples of T tokens per step in the token stage; the patch stage keeps the tokens "
+        "per step equal (B/K samples of K*T tokens by default).",
+    )
+    micro_batch_size: int = arg(
+        4, "Samples per micro-batch (in the patch stage: samples of T patch positions)."
+    )
+    eval_interval: int = arg(
+        50, "Steps between validations (token-level loss; also patch-level in the patch stage)."
+    )
+    eval_samples: int = arg(64, "Validation samples (token level, T+1 tokens) per validation.")
+    log_interval: int = arg(10, "Steps between metric lines.")
+    exit_duration_in_mins: float | None = arg(
+        None, "Save a checkpoint and exit cleanly after this many minutes (Slurm time limits)."
+    )
+    exit_signal_handler: bool = arg(
+        True, "On SIGTERM/SIGUSR1 (Slurm pre-emption): save a checkpoint and exit cleanly."
+    )
+    recompute_granularity: Literal["full", "selective"] | None = arg(
+        None, "Activation recomputation: 'selective' (attention core) or 'full' layers."
+    )
+    recompute_method: Literal["uniform", "block"] | None = arg(
+        None, "With full recompute: how layers are grouped ('uniform' or 'block')."
+    )
+    recompute_num_layers: int | None = arg(
+        None, "With full recompute: layers per group (uniform) or recomputed layers (block)."
+    )
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW through megatron-core's optimizer, with megatron's LR/WD scheduler."""
+
+    lr: float = arg(3e-4, "Peak learning rate.")
+    min_lr: float = arg(3e-5, "Learning rate at the end of the decay.")
+    lr_warmup_iters: int = arg(
+        2000, "Warmup steps (per stage with --stage-boundary reset, else once)."
+    )
+    lr_decay_style: Literal["cosine", "linear", "constant"] = arg("cosine", "LR decay shape.")
+    weight_decay: float = arg(0.1, "Decoupled weight decay (not on biases and norms).")
+    adam_beta1: float = arg(0.9, "Adam beta1.")
+    adam_beta2: float = arg(0.95, "Adam beta2.")
+    adam_eps: float = arg(1e-8, "Adam epsilon.")
+    clip_grad: float = arg(1.0, "Gradient clipping by global norm (0 = off).")
+    use_distributed_optimizer: bool = arg(
+        False, "Shard optimizer state over data-parallel ranks (ZeRO-1)."
+    )
+    overlap_grad_reduce: bool = arg(False, "Overlap the gradient reduce with the backward pass.")
+    overlap_param_gather: bool = arg(
+        False, "Overlap the parameter all-gather with the forward pass (distributed optimizer)."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron dist checkpoints: periodic, at the stage boundary, on signals; resumable."""
+
+    save: str | None = arg(None, "Checkpoint root; default RUN_DIR/checkpoints.")
+    save_interval: int | None = arg(
+        None, "Steps between checkpoints (the stage boundary and exits always save)."
+    )
+    keep_last: int | None = arg(None, "Keep only the newest N checkpoints.")
+    load: str | None = arg(
+        None,
+        "Initialise the weights from this checkpoint (e.g. an imported HF Llama); optimizer and "
+        "schedule start fresh. Resuming needs no flag: the latest checkpoint under --save is "
+        "taken automatically.",
+    )
+    no_save: bool = arg(False, "Write no checkpoint at all (benchmarks, smoke runs).")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: stdout, RUN_DIR/metrics.jsonl, TensorBoard, a PNG at the end."""
+
+    tensorboard: bool = arg(True, "Write TensorBoard events to RUN_DIR/tensorboard.")
+    progress: Literal["auto", "on", "off"] = arg(
+        "auto", "Progress bar: 'auto' = only when stderr is a terminal."
+    )
+    plot: bool = arg(True, "Write RUN_DIR/val_loss.png (validation loss vs tokens and FLOPs).")
+
+
+SECTIONS: dict[str, type] = {}  # filled below: YAML section name -> dataclass
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved, fully resolved, as RUN_DIR/config.yaml."""
+
+    run_dir: str = arg("runs/default", "Run directory: config, metrics, checkpoints, plots.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: Any = None  # megapatch.data.config.DataConfig (imported lazily)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            from megapatch.data.config import DataConfig
+
+            self.data = DataConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    if not SECTIONS:
+        from megapatch.data.config import DataConfig
+
+        SECTIONS.update(
+            model=ModelConfig,
+            parallel=ParallelConfig,
+            precision=PrecisionConfig,
+            data=DataConfig,
+            training=TrainingConfig,
+            stages=StagesConfig,
+            optimizer=OptimizerSettings,
+            checkpoint=CheckpointConfig,
+            logging=LoggingConfig,
+        )
+    return SECTIONS
+
+
+# Data fields that the training run owns or derives.
+_DATA_SKIP = ("tokenizer_model",)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested sections; unknown sections or keys are refused."""
+    cfg = RunConfig()
+    for key, value in (raw or {}).items():
+        if key == "run_dir":
+            cfg.run_dir = value
+            continue
+        cls = _sections().get(key)
+        if cls is None:
+            raise ConfigError(
+                f"{source}: unknown section '{key}'; known: run_dir, {', '.join(_sections())}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{key}' must be a mapping of field: value")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {unknown} in section '{key}'; see "
+                "`megapatch train --help` for the fields"
+            )
+        setattr(cfg, key, dataclasses.replace(getattr(cfg, key), **value))
+    return cfg
+
+
+def load_yaml(path: str) -> RunConfig:
+    """A RunConfig from a YAML recipe (sections as in RunConfig)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(f"--config {path}: no such file") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({err})") from err
+    return config_from_dict(raw or {}, source=path)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every config field as a Megatron-style flag (grouped by section), plus --config."""
+    parser.add_argument("--config", help="YAML recipe (see examples/); flags override it.")
+    parser.add_argument(
+        "--run-dir",
+        dest="run_dir",
+        default=argparse.SUPPRESS,
+        help="Run directory: config, metrics, checkpoints, plots (default: runs/default).",
+    )
+    for name, cls in _sections().items():
+        group = parser.add_argument_group(name, (cls.__doc__ or "").strip().splitlines()[0])
+        skip = _DATA_SKIP if name == "data" else ()
+        add_arguments(group, cls, skip=skip, dest_prefix=f"{name}.", suppress_defaults=True)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Recipe (if any) overridden by the flags that were given."""
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    given = vars(args)
+    if "run_dir" in given:
+        cfg.run_dir = given["run_dir"]
+    for name in _sections():
+        updates = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(name + ".")}
+        if updates:
+            setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **updates))
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -8,11 +8,12 @@ CLI, config files and code share one definition.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+# One flag machinery for the whole config tree (re-exported for the data CLI).
+from megapatch.config import add_arguments, arg, flag_name, from_args
+
+__all__ = ["EMBEDDED", "add_arguments", "arg", "flag_name", "from_args"]
 
 #: ``--input`` value selecting the embedded corpus (see :mod:`megapatch.data.corpus`).
 EMBEDDED = "embedded"
@@ -20,21 +21,6 @@ EMBEDDED = "embedded"
 
 class DataError(ValueError):
     """Bad data input or setting; the one-line message names the file or flag and the fix."""
-
-
-def arg(default: Any, help: str, flag: str | None = None, **meta: Any) -> Any:  # noqa: A002
-    """A dataclass field with help text (lists get a fresh copy per instance)."""
-    metadata = {"help": help, **meta}
-    if flag:
-        metadata["flag"] = flag
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def flag_name(f: dataclasses.Field) -> str:
-    """The command-line flag of a field (``--data-path`` for ``data_path``)."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 @dataclass
@@ -121,38 +107,3 @@ class DataConfig:
         None, "sentencepiece model; only needed for --eod-mask-loss without PREFIX.meta.json."
     )
     num_workers: int = arg(2, "DataLoader worker processes.")
-
-
-def _arg_type(hint: Any) -> tuple[Any, bool]:
-    """(scalar type, is_list) of a type hint: ``int``, ``str | None``, ``list[str]``."""
-    if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], True
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (args[0] if args else hint), False
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of dataclass ``cls`` to ``parser`` (defaults and help included)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        typ, is_list = _arg_type(hints[f.name])
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = typ
-            kw["nargs"] = "+" if is_list else None
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
-        if default is not None and typ is not bool:
-            kw["help"] += " (default: %(default)s)"
-        parser.add_argument(flag_name(f), **kw)
-
-
-def from_args(cls: type, namespace: argparse.Namespace) -> Any:
-    """Build dataclass ``cls`` from a namespace filled by :func:`add_arguments`."""
-    names = [f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
-    return cls(**{name: getattr(namespace, name) for name in names})

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megapatch.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from megapatch.model import specs
 from megapatch.model.patch_embedding import PatchEmbedding
 from megapatch.model.patch_loss import vocab_parallel_multi_token_cross_entropy
 from megapatch.model.specs import block_spec, check_fp8_positions, use_transformer_engine
@@ -36,6 +37,8 @@ class PatchGPTModel(GPTModel):
     """GPTModel whose input is K-token patches and whose loss predicts the next patch."""
 
     def __init__(self, *args: Any, patch_size: int = 1, **kwargs: Any) -> None:
+        if specs.INIT_SEED[0] is not None:
+            torch.manual_seed(specs.INIT_SEED[0])  # embedding, then layers reseed themselves
         super().__init__(*args, **kwargs)
         if self.pre_process:
             # Same module, same parameters and construction-time RNG draws as GPTModel's
@@ -183,15 +186,27 @@ def build_model(
     precision: PrecisionConfig,
     patch_size: int = 1,
     config: TransformerConfig | None = None,
+    init_seed: int | None = None,
 ) -> list[PatchGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) on the current device.
 
-    megatron-core's parallel state must be initialised for ``parallel``. Seed the generators
-    first (``runtime.distributed.set_random_seeds``): initialisation draws from them.
+    megatron-core's parallel state must be initialised for ``parallel``. Initialisation draws
+    from the generators as seeded (``runtime.distributed.set_random_seeds``), or, with
+    ``init_seed``, from a generator reseeded per layer: with CPU initialisation the initial
+    weights are then the same at every TP/PP/VPP layout.
     """
     config = config or transformer_config(model, parallel, precision)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
+    specs.INIT_SEED[0] = init_seed
+    try:
+        _build_chunks(model, parallel, precision, patch_size, config, vpp, chunks)
+    finally:
+        specs.INIT_SEED[0] = None
+    return chunks
+
+
+def _build_chunks(model, parallel, precision, patch_size, config, vpp, chunks) -> None:  # noqa: ANN001
     for i in range(vpp or 1):
         vp = i if vpp else None
         chunk = PatchGPTModel(
@@ -210,7 +225,6 @@ def build_model(
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
-    return chunks
 
 
 def set_patch_size(chunks: list[PatchGPTModel], patch_size: int) -> None:

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megapatch.config import ConfigError, PrecisionConfig
 
@@ -80,6 +81,36 @@ class TorchNorm:
         return norm
 
 
+INIT_SEED: list[int | None] = [None]  # set by model.gpt.build_model while it builds
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer that reseeds the generator from its global layer number first.
+
+    With CPU initialisation (megatron draws each full weight, then keeps this rank's slice),
+    this makes the initial weights independent of the TP/PP/VPP layout: a layer is drawn from
+    the same generator state whichever stage builds it.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: object,
+        layer_number: int = 1,
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        if INIT_SEED[0] is not None:
+            torch.manual_seed(INIT_SEED[0] + 1000 * layer_number)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+
+def _seeded(layer: ModuleSpec) -> ModuleSpec:
+    if layer.module is TransformerLayer:
+        return dataclasses.replace(layer, module=SeededTransformerLayer)
+    return layer
+
+
 def local_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec:
     """megatron-core's local GPT layer spec with SP-capable torch norms, as a block spec."""
     layer = get_gpt_layer_local_spec(
@@ -88,7 +119,7 @@ def local_block_spec(config: TransformerConfig, vp_stage: int | None = None) -> 
     sub = dataclasses.replace(
         layer.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm
     )
-    layer = dataclasses.replace(layer, submodules=sub)
+    layer = _seeded(dataclasses.replace(layer, submodules=sub))
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
@@ -101,12 +132,13 @@ def block_spec(
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """The decoder block spec for this config: TE when resolved so, local otherwise."""
     if use_transformer_engine(precision):
-        return get_gpt_decoder_block_spec(
+        spec = get_gpt_decoder_block_spec(
             config,
             use_transformer_engine=True,
             normalization=config.normalization,
             vp_stage=vp_stage,
         )
+        return dataclasses.replace(spec, layer_specs=[_seeded(s) for s in spec.layer_specs])
     return local_block_spec(config, vp_stage=vp_stage)
 
 

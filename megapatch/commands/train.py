@@ -1,0 +1,45 @@
+"""``megapatch train``: the two-stage run (patch level, then token level), resumable.
+
+Launch one process per GPU (torchrun or srun); on a CPU machine a single process runs on gloo.
+Every config field is a Megatron-style flag; ``--config`` reads a YAML recipe (examples/)
+that flags override. The resolved config, the git commit and the plan are written into the run
+directory; ``--dry-run`` prints the plan and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megapatch.config import ConfigError, add_run_arguments, config_from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Parse the config, validate it, train."""
+    from megapatch.training.loop import train
+
+    try:
+        cfg = config_from_args(args)
+        summary = train(cfg, dry_run=args.dry_run)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not summary.get("exited"):
+        print(
+            f"done: {summary['step']} steps, {summary['tokens']:,} tokens, "
+            f"final token-level val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})"
+        )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``megapatch train``."""
+    p = subparsers.add_parser(
+        "train",
+        help="two-stage patch-level training on megatron-core (resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dry-run", action="store_true", help="Print the stage plan and exit.")
+    add_run_arguments(p)
+    p.set_defaults(func=run)

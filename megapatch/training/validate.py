@@ -1,0 +1,109 @@
+"""Every check that needs only the config, the data files and the world size: one clear error
+(naming the flag and the fix) before any process group, model or dataset is built."""
+
+from __future__ import annotations
+
+import os
+import types
+
+from megapatch.config import ConfigError, RunConfig
+from megapatch.training.plan import StagePlan, make_plan
+
+
+def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
+    """Validate ``cfg`` for ``world_size`` ranks; return the stage plan."""
+    from megapatch.model.specs import check_fp8_positions, use_transformer_engine
+
+    m, par, prec, tr, opt, ck = (
+        cfg.model,
+        cfg.parallel,
+        cfg.precision,
+        cfg.training,
+        cfg.optimizer,
+        cfg.checkpoint,
+    )
+    m.validate()
+    par.validate(m)
+    prec.validate()
+    use_transformer_engine(prec)  # refuses TE / FP8 asked for without Transformer Engine
+    if cfg.stages.patch_size > 1 and m.mtp_num_layers:
+        raise ConfigError(
+            "--patch-size > 1 cannot be combined with --mtp-num-layers (megatron's multi-token "
+            "prediction is a different auxiliary loss); disable MTP or set --patch-size 1"
+        )
+    plan = make_plan(cfg, world_size)
+    dp = par.data_parallel_size(world_size)
+    for name in ("log_interval", "eval_interval", "eval_samples"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if tr.eval_samples % (tr.micro_batch_size * dp):
+        raise ConfigError(
+            f"--eval-samples ({tr.eval_samples}) must be a multiple of --micro-batch-size x "
+            f"data-parallel size ({tr.micro_batch_size} x {dp})"
+        )
+    if tr.recompute_method is not None and tr.recompute_granularity != "full":
+        raise ConfigError("--recompute-method needs --recompute-granularity full")
+    if tr.recompute_granularity == "full" and not tr.recompute_num_layers:
+        raise ConfigError("--recompute-granularity full needs --recompute-num-layers (e.g. 1)")
+    if opt.min_lr > opt.lr:
+        raise ConfigError(f"--min-lr ({opt.min_lr}) must not exceed --lr ({opt.lr})")
+    if opt.lr_warmup_iters < 0:
+        raise ConfigError("--lr-warmup-iters must be >= 0")
+    reset = cfg.stages.stage_boundary == "reset"
+    for s in plan if reset else plan[:1]:
+        steps = s.steps if reset else sum(p.steps for p in plan)
+        if opt.lr_warmup_iters >= steps:
+            raise ConfigError(
+                f"--lr-warmup-iters ({opt.lr_warmup_iters}) must be shorter than the "
+                f"{s.name if reset else 'whole'} stage ({steps} steps); lower it or raise "
+                "--train-tokens"
+            )
+    if ck.save_interval is not None and ck.save_interval < 1:
+        raise ConfigError("--save-interval must be >= 1 (or leave it unset)")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        raise ConfigError("--keep-last must be >= 1 (or leave it unset)")
+    if ck.load:
+        from megapatch.training.checkpoint import read_meta
+
+        try:
+            read_meta(ck.load)
+        except Exception as err:
+            raise ConfigError(f"--load {ck.load}: {err}") from err
+    if m.position_embedding_type == "learned_absolute":
+        longest = max(s.positions for s in plan)
+        if longest > m.max_position_embeddings:
+            raise ConfigError(
+                f"--max-position-embeddings ({m.max_position_embeddings}) is shorter than the "
+                f"{longest} positions per sample of this plan"
+            )
+    if prec.fp8_format is not None:
+        fp8 = types.SimpleNamespace(
+            fp8=prec.fp8_format,
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            sequence_parallel=par.sequence_parallel,
+        )
+        for s in plan:
+            check_fp8_positions(fp8, s.positions * s.micro_batch_size)
+    _validate_data(cfg)
+    return plan
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    from megapatch.data.config import DataError
+    from megapatch.data.stream import parse_blend, read_meta
+
+    if cfg.data.num_workers < 0:
+        raise ConfigError("--num-workers must be >= 0")
+    try:
+        prefixes, _ = parse_blend(cfg.data.data_path)
+        metas = read_meta(prefixes)
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+    for prefix, meta in zip(prefixes, metas):
+        vocab = meta.get("vocab_size")
+        if vocab is not None and vocab > cfg.model.vocab_size:
+            raise ConfigError(
+                f"--vocab-size ({cfg.model.vocab_size}) is smaller than the tokenizer of "
+                f"{prefix} ({vocab} pieces, {os.path.basename(meta.get('tokenizer_model', ''))}); "
+                f"set --vocab-size {vocab}"
+            )
