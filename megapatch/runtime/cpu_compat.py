@@ -128,7 +128,15 @@ def _patch_tensor_factories() -> None:
 
     Plain attribute patches rather than a TorchFunctionMode: a mode is disabled while its own
     handler runs, so it would not see the code that ``autograd.backward`` runs.
+
+    ``with torch.device("meta")`` (used by transformers' ``from_pretrained`` and for shape-only
+    models) recognises factories by identity in a cached set; it is filled with the ORIGINAL
+    functions before they are replaced, so the wrappers (which call the originals) keep
+    working under a device context.
     """
+    import torch.utils._device
+
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device(getattr(torch, name)))
     for name in _TENSOR_FACTORIES:

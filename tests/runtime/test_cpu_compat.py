@@ -35,6 +35,18 @@ def test_cuda_device_requests_land_on_cpu(single_rank):
     assert x.type(torch.float64).dtype == torch.float64
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims only exist without CUDA")
+def test_device_contexts_still_apply_to_the_patched_factories(single_rank):
+    # transformers builds models under torch.device("meta") and then materialises them; with
+    # the device context ignored, its non-persistent buffers (RoPE inv_freq) held garbage.
+    assert cpu_compat.installed()
+    with torch.device("meta"):
+        assert torch.empty(3).device.type == "meta"
+        assert torch.arange(4).device.type == "meta"
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+    assert torch.empty(3).device.type == "cpu"
+
+
 def test_rng_tracker_forks_and_restores_the_cpu_generator():
     tracker = cpu_compat.CpuRNGStatesTracker()
     tracker.add("model-parallel-rng", 123)
