@@ -16,6 +16,7 @@ _COMMAND_MODULES: list[str] = [
     "megapatch.commands.train",
     "megapatch.commands.demo",
     "megapatch.data.cli",
+    "megapatch.convert.cli",
 ]
 
 

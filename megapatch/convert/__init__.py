@@ -1,0 +1,1 @@
+"""Checkpoint tools: Megatron dist checkpoints <-> Hugging Face Llama, resharding, inspection."""
