@@ -307,6 +307,9 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = arg(
         None, "Save a checkpoint and exit cleanly after this many minutes (Slurm time limits)."
     )
+    exit_interval: int | None = arg(
+        None, "Save a checkpoint and exit after this many steps (the run resumes later)."
+    )
     exit_signal_handler: bool = arg(
         True, "On SIGTERM/SIGUSR1 (Slurm pre-emption): save a checkpoint and exit cleanly."
     )

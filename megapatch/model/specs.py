@@ -101,7 +101,14 @@ class SeededTransformerLayer(TransformerLayer):
         **kwargs: object,
     ) -> None:
         if INIT_SEED[0] is not None:
-            torch.manual_seed(INIT_SEED[0] + 1000 * layer_number)
+            # layer_number is local to this pipeline chunk; seed by the global one.
+            from megatron.core import parallel_state
+            from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+            vp_stage = kwargs.get("vp_stage")
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+            offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+            torch.manual_seed(INIT_SEED[0] + 1000 * (layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, **kwargs)
 
 

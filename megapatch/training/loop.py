@@ -305,7 +305,8 @@ class Trainer:
                 at_boundary = st.stage_step == sp.steps and st.stage < len(self.plan) - 1
                 interval = cfg.checkpoint.save_interval
                 due = bool(interval) and st.step % interval == 0
-                exiting = self.monitor.should_exit()
+                ei = cfg.training.exit_interval
+                exiting = self.monitor.should_exit() or bool(ei and st.step % ei == 0)
                 if due or at_boundary or exiting:
                     self.save()
                 if exiting:

@@ -1,0 +1,119 @@
+"""Bad configurations and flags: each refused with one clear error before anything is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megapatch.config import ConfigError, config_from_dict
+from megapatch.training.validate import validate_config
+from tests.training.conftest import tiny_run
+
+BAD = [
+    # (id, sections to override, world size, expected message)
+    ("budget", dict(training=dict(train_tokens=1000)), 1, "whole number of steps"),
+    (
+        "batch-vs-K",
+        dict(training=dict(global_batch_size=18, train_tokens=18 * 64 * 10)),
+        1,
+        "divisible by --patch-size",
+    ),
+    ("micro-batch", dict(training=dict(micro_batch_size=3)), 1, "--micro-batch-size"),
+    ("lambda", dict(stages=dict(patch_fraction=1.2)), 1, "--patch-fraction"),
+    ("sp-without-tp", dict(parallel=dict(sequence_parallel=True)), 1, "--sequence-parallel"),
+    ("tp-heads", dict(parallel=dict(tensor_model_parallel_size=8)), 8, "--num-attention-heads"),
+    ("pp-layers", dict(parallel=dict(pipeline_model_parallel_size=3)), 3, "--num-layers"),
+    ("world", dict(parallel=dict(tensor_model_parallel_size=2)), 3, "not divisible"),
+    ("fp8-no-te", dict(precision=dict(fp8_format="hybrid", bf16=True)), 1, "Transformer Engine"),
+    ("fp8-no-bf16", dict(precision=dict(fp8_format="hybrid")), 1, "--bf16"),
+    ("te-missing", dict(precision=dict(transformer_impl="transformer_engine")), 1, "import"),
+    ("mtp", dict(model=dict(mtp_num_layers=1)), 1, "--mtp-num-layers"),
+    ("min-lr", dict(optimizer=dict(min_lr=1.0)), 1, "--min-lr"),
+    ("warmup", dict(optimizer=dict(lr_warmup_iters=50)), 1, "--lr-warmup-iters"),
+    ("eval-samples", dict(training=dict(eval_samples=7)), 1, "--eval-samples"),
+    ("recompute", dict(training=dict(recompute_method="uniform")), 1, "--recompute-method"),
+    ("save-interval", dict(checkpoint=dict(save_interval=0)), 1, "--save-interval"),
+    ("no-data", dict(data=dict(data_path=["no/such/prefix"])), 1, "not found"),
+    ("vocab", dict(model=dict(vocab_size=100)), 1, "--vocab-size"),
+    ("load", dict(checkpoint=dict(load="no/such/ckpt")), 1, "--load"),
+    (
+        "vpp-microbatches",
+        dict(
+            parallel=dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+            training=dict(micro_batch_size=4),
+        ),
+        2,
+        "multiple of --pipeline-model-parallel-size",
+    ),
+    (
+        "learned-positions",
+        dict(model=dict(position_embedding_type="learned_absolute", max_position_embeddings=32)),
+        1,
+        "--max-position-embeddings",
+    ),
+    (
+        "T-context",
+        dict(
+            stages=dict(patch_context="T", patch_size=3),
+            training=dict(global_batch_size=18, train_tokens=18 * 64 * 4),
+        ),
+        1,
+        "--seq-length 64 must be divisible",
+    ),
+]
+
+
+@pytest.mark.parametrize("sections, world, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config_is_refused(data_prefix, tmp_path, sections, world, match):
+    cfg = tiny_run(data_prefix, str(tmp_path / "run"), **sections)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg, world)
+    assert not (tmp_path / "run").exists(), "nothing may be written before validation passes"
+
+
+def test_the_tiny_run_itself_is_valid(data_prefix, tmp_path):
+    plan = validate_config(tiny_run(data_prefix, str(tmp_path / "run")), 1)
+    assert [s.steps for s in plan] == [11, 5]
+
+
+def test_at_least_fifteen_distinct_refusals():
+    assert len({b[0] for b in BAD}) >= 15
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [({"modle": {}}, "unknown section 'modle'"), ({"model": {"layers": 2}}, "unknown field")],
+)
+def test_unknown_yaml_keys_are_refused(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)
+
+
+def test_cli_reports_one_line_and_exit_code_2(data_prefix, tmp_path):
+    start = time.monotonic()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megapatch.cli",
+            "train",
+            "--data-path",
+            data_prefix,
+            "--vocab-size",
+            "512",
+            "--train-tokens",
+            "1000",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--train-tokens 1000" in errors[0]
+    assert not (tmp_path / "r").exists()
+    assert time.monotonic() - start < 60
