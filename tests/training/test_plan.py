@@ -78,3 +78,28 @@ def test_impossible_plans_are_refused(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ConfigError, match=match):
         make_plan(_cfg(**args), world_size=1)
+
+
+@pytest.mark.parametrize(
+    "recipe, world",
+    [
+        ("tiny_cpu", 1),
+        ("paper_370m", 8),
+        ("paper_780m", 8),
+        ("paper_1p3b", 8),
+        ("paper_2p7b", 8),
+        ("llama2_7b", 64),
+    ],
+)
+def test_shipped_recipes_have_valid_plans(recipe, world):
+    from pathlib import Path
+
+    from megapatch.config import load_yaml
+
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{recipe}.yaml"
+    cfg = load_yaml(str(path))
+    cfg.model.validate()
+    cfg.parallel.validate(cfg.model)
+    plan = make_plan(cfg, world)
+    assert sum(s.tokens for s in plan) == cfg.training.train_tokens
+    assert len({s.tokens_per_step for s in plan}) == 1
