@@ -67,5 +67,5 @@ echo "[$(date)] job $SLURM_JOB_ID: $SLURM_NNODES nodes, run dir $RUN_DIR" | tee 
 srun --kill-on-bad-exit=1 \
      --container-image="$CONTAINER" --container-mounts="$REPO:$REPO,$(dirname "$DATA_PATH")" \
      --container-workdir="$REPO" \
-     bash -c "pip install -q -e '.[gpu]' --no-deps 2>/dev/null || pip install -q -e .; \
+     bash -c "pip install -q -e .; \
               python -m megapatch.cli train ${ALL_ARGS[*]}"
