@@ -270,7 +270,8 @@ def _distributed_worker(rank: int, data: dict, store: str, out: str) -> None:
 
 
 def test_distributed_rank0_builds_the_caches_and_others_reuse_them(data, tmp_path):
-    ctx = mp.get_context("fork")
+    # spawn, not fork: the test session may already hold a process group (tests/conftest.py)
+    ctx = mp.get_context("spawn")
     out = str(tmp_path / "result")
     procs = [
         ctx.Process(target=_distributed_worker, args=(r, data, str(tmp_path / "store"), out))
@@ -279,7 +280,7 @@ def test_distributed_rank0_builds_the_caches_and_others_reuse_them(data, tmp_pat
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=120)
     for p in procs:
         if p.is_alive():  # a hung rank fails the test instead of blocking the session
             p.kill()
