@@ -1,4 +1,4 @@
-"""Resharding TP2xPP2 -> TP1 -> TP4 -> TP2xPP2, and export/import at TP2xPP2, in ONE 4-rank world.
+"""Resharding TP2xPP2 -> TP1 -> TP4 -> TP2xPP2, export/import at TP2xPP2: ONE 4-rank world.
 
 The vocabulary (250 tokens, ``make_vocab_size_divisible_by`` 128) is padded to 256 at TP1 and
 TP2 but to 512 at TP4, so the TP4 step re-pads and the way back shrinks again. A model is
@@ -6,8 +6,9 @@ trained for three optimizer steps at TP2xPP2 and saved with its optimizer; every
 checkpoint is loaded at its own layout and evaluated with megatron's pipeline schedule:
 
 * the loss over the real vocabulary (what transformers computes) is the same everywhere;
-* megatron's own loss (softmax over the padded vocabulary) is the same where the padding is,
-  and bit for bit the same after the round trip, whose tensors all equal the original's;
+* megatron's own loss (softmax over the padded vocabulary) is the same where the padding is
+  (also at PP2 with interleaving), and bit for bit the same after the round trip, whose
+  tensors all equal the original's;
 * the resharded optimizer state continues training exactly as the original would have (a
   fresh optimizer, the control, does not);
 * the TP2xPP2 checkpoint exported to Hugging Face and imported back at TP2xPP2 gives the same
@@ -44,11 +45,11 @@ def _data(seed: int) -> dict[str, torch.Tensor]:
     )
 
 
-def _layout(tp: int, pp: int):
+def _layout(tp: int, pp: int, vpp: int | None = None):
     from megapatch.runtime import distributed as D
 
-    D.initialize_model_parallel(D.ParallelLayout(tp, pp))
-    return parallel(tp=tp, pp=pp)
+    D.initialize_model_parallel(D.ParallelLayout(tp, pp, vpp))
+    return parallel(tp=tp, pp=pp, vpp=vpp)
 
 
 def _micro(data: dict) -> list[dict]:
@@ -209,6 +210,8 @@ def _world(rank: int, world: int, root: str) -> dict | None:
     par = _layout(2, 2)
     ddp, *_ = _setup(par, d)
     out["d"] = _losses(ddp, evaluation)
+    ddp, *_ = _setup(_layout(1, 2, vpp=2), d, with_optimizer=False)  # interleaved, DP2
+    out["d_vpp"] = _losses(ddp, evaluation)
     ta, td = _all_tensors(a), _all_tensors(d)
     if rank == 0:
         out["round_trip_keys"] = (sorted(ta) == sorted(td), len(ta))
@@ -217,6 +220,7 @@ def _world(rank: int, world: int, root: str) -> dict | None:
     # Export the TP2xPP2 checkpoint, import it back for TP2xPP2.
     export_to_hf(a, f"{root}/hf", report=None)
     e = import_from_hf(f"{root}/hf", f"{root}/e", parallel=parallel(tp=2, pp=2), report=None)
+    par = _layout(2, 2)
     ddp, *_ = _setup(par, e.path, with_optimizer=False)  # an import holds weights only
     out["e"] = _losses(ddp, evaluation)
     out["e_meta"] = {k: C.read_meta(e.path)[k] for k in ("parallel", "padded_vocab_size")}
@@ -234,12 +238,13 @@ def world(tmp_path_factory):
 def test_every_layout_gives_the_same_loss(world):
     ref_megatron, ref_real = world["a"]
     print(f"\nreal-vocabulary loss at TP2xPP2 {ref_real:.6f}; megatron loss {ref_megatron:.6f}")
-    for name in ("b", "c", "d", "e"):
+    for name in ("b", "c", "d", "d_vpp", "e"):
         megatron, real = world[name]
         print(f"  {name}: real {real:.6f} megatron {megatron:.6f}")
         assert abs(real - ref_real) < TOL, name
     # Same padding (256 rows): megatron's own loss agrees too.
     assert abs(world["b"][0] - ref_megatron) < TOL
+    assert abs(world["d_vpp"][0] - ref_megatron) < TOL
 
 
 def test_round_trip_restores_every_tensor_bit_for_bit(world):
