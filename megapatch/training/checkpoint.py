@@ -108,6 +108,8 @@ def _state_dict(
 ) -> dict[str, Any]:
     sd = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        if is_loading:
+            _init_empty_distributed_optimizer_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(
             sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
         )
@@ -116,6 +118,47 @@ def _state_dict(
     if with_rng:
         sd["rng_state"] = _rng_sharded_object()
     return sd
+
+
+def _keep_torch_adam_step_on_load() -> None:
+    """Two megatron-core 0.16.1 bugs, torch's Adam only (no Transformer Engine/apex), when a
+    ``fully_reshardable`` distributed-optimizer state is loaded: (1) every per-parameter state
+    key is copied, torch's per-parameter ``step`` included, from a saved state that has no
+    ``step`` (KeyError('step')); (2) the step restored from the param groups just before is one
+    tensor shared by all parameters, which torch's Adam then increments once per parameter
+    (wrong bias correction from the first step after a resume). Give each parameter its own
+    copy of the restored step."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megapatch", False):
+        return
+
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group, order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in state:
+                # megatron restored ONE step tensor shared by every parameter; torch's Adam
+                # increments it in place per parameter, so each needs its own copy.
+                state["step"] = state["step"].detach().clone()
+                tensors = dict(tensors, step=state["step"])
+        original(self, model_param, tensors)
+
+    set_states._megapatch = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _init_empty_distributed_optimizer_state(optimizer: Any) -> None:
+    """A fresh DistributedOptimizer has no state yet, and megatron cannot build the sharded
+    state dict to load into without one (it reads the step count). Give it placeholder state
+    (megatron's own helper: a zero-gradient step on the fp32 shards), which the load then
+    replaces entirely: Adam moments, step and the fp32 main parameters."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -230,6 +273,8 @@ def load_checkpoint(
     layout it was saved at); model-only loading starts fresh optimizer state.
     """
     meta = read_meta(path)
+    if optimizer is not None:
+        _keep_torch_adam_step_on_load()
     sd = _state_dict(chunks, optimizer, scheduler, with_rng, is_loading=True)
     if scheduler is not None:
         sd.pop("opt_param_scheduler")

@@ -79,8 +79,8 @@ def _check(proc, ok=True):
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _kill_chain(data_prefix, run_dir, nproc, parallel, faults):
-    cfg = tiny_run(data_prefix, run_dir, parallel=parallel)
+def _kill_chain(data_prefix, run_dir, nproc, parallel, faults, **sections):
+    cfg = tiny_run(data_prefix, run_dir, parallel=parallel, **sections)
     for step in faults:
         proc = launch(cfg, nproc, fault_at=step)
         assert proc.returncode != 0, f"the run was meant to die at step {step}"
@@ -149,12 +149,15 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(full_tp1, data_prefix, tmp
     assert _losses(run_dir) == reference
 
 
-def test_kill_9_and_resume_is_bit_identical_tp2_dp2(data_prefix, tmp_path):
+def test_kill_9_and_resume_is_bit_identical_tp2_dp2_distributed_optimizer(data_prefix, tmp_path):
     parallel = dict(tensor_model_parallel_size=2)
+    optimizer = dict(use_distributed_optimizer=True)
     full_dir = str(tmp_path / "full4")
-    _check(launch(tiny_run(data_prefix, full_dir, parallel=parallel), 4))
+    _check(launch(tiny_run(data_prefix, full_dir, parallel=parallel, optimizer=optimizer), 4))
     reference = _losses(full_dir)
-    resumed = _kill_chain(data_prefix, str(tmp_path / "killed4"), 4, parallel, FAULTS)
+    resumed = _kill_chain(
+        data_prefix, str(tmp_path / "killed4"), 4, parallel, FAULTS, optimizer=optimizer
+    )
     assert resumed == reference
 
 
