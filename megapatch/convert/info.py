@@ -117,6 +117,13 @@ def format_info(info: dict[str, Any]) -> str:
     hidden = m.get("hidden_size")
     head_dim = m.get("kv_channels") or (hidden // heads if hidden and heads else None)
     ffn = m.get("ffn_hidden_size")
+    if ffn is None and m:
+        from megapatch.config import ModelConfig
+
+        try:
+            ffn = ModelConfig(**m).resolved_ffn_hidden_size()
+        except TypeError:
+            ffn = None
     arch = ", ".join(
         x
         for x in (
