@@ -11,32 +11,16 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megapatch.config import ParallelConfig
 from megapatch.runtime import cpu_compat
 
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Sizes of the model-parallel dimensions; data parallel is what remains of the world."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """DP size for a world, or a clear error when the layout does not fit it."""
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if mp < 1 or world_size % mp:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor-model-parallel-size "
-                f"({self.tensor_model_parallel_size}) x pipeline-model-parallel-size "
-                f"({self.pipeline_model_parallel_size}); change the layout or the number of ranks"
-            )
-        return world_size // mp
+# The layout that megatron's parallel state is initialised for: the config's own dataclass
+# (tensor, pipeline, virtual pipeline sizes; data parallel is what remains of the world).
+ParallelLayout = ParallelConfig
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -76,7 +60,7 @@ def init_process_group(timeout_s: float = 600.0) -> tuple[int, int]:
     return rank, world
 
 
-def initialize_model_parallel(layout: ParallelLayout) -> None:
+def initialize_model_parallel(layout: ParallelConfig) -> None:
     """(Re)initialise megatron-core's parallel state for ``layout`` on the current world."""
     from megatron.core import parallel_state
 

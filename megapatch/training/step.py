@@ -64,8 +64,20 @@ def wrap_with_ddp(
 def build_optimizer(
     chunks: list[DistributedDataParallel], optimizer_config: OptimizerConfig
 ) -> MegatronOptimizer:
-    """megatron-core's optimizer (plain or distributed, per the DDP config) over the chunks."""
-    return get_megatron_optimizer(optimizer_config, chunks)
+    """megatron-core's optimizer (plain or distributed, per the DDP config) over the chunks.
+
+    Without Transformer Engine/apex megatron falls back to torch's Adam, which on CPU tensors
+    defaults to its per-parameter Python loop; the multi-tensor (foreach) path computes the
+    same update with far less overhead per step.
+    """
+    optimizer = get_megatron_optimizer(optimizer_config, chunks)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                if not group.get("fused"):
+                    group["foreach"] = True
+    return optimizer
 
 
 def build_scheduler(
