@@ -224,6 +224,9 @@ def reshard(
                 "git_commit": git_commit(),
             },
         )
+        # RNG states are not carried over: without a recorded world size the training loop
+        # does not try to restore them on resume.
+        new_meta.pop("world_size", None)
         if not has_optimizer:
             new_meta["model_only"] = True
         write_json(os.path.join(partial, CHECKPOINT_META), new_meta)
