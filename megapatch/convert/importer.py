@@ -138,8 +138,13 @@ def import_from_hf(
         entries = open_hf_checkpoint(load)
         check_hf_tensors(entries, wmap, load, dims.tied)
         tok = tokenizer_model
-        if tok is None and os.path.isfile(os.path.join(load, "tokenizer.model")):
-            tok = os.path.join(load, "tokenizer.model")
+        found = os.path.join(load, "tokenizer.model")
+        if tok is None and os.path.isfile(found):
+            try:
+                load_processor(found)
+                tok = found
+            except ConvertError:  # e.g. Llama-3's tiktoken file: not for megapatch's data path
+                say(f"note: {found} is not a sentencepiece model; no tokenizer recorded")
         if tok is not None:
             sp, _ = load_processor(tok)
             if sp.vocab_size() != cfg.vocab_size:

@@ -235,6 +235,17 @@ def test_import_for_another_tensor_parallel_size_repads_with_mean_rows(trained, 
         assert torch.equal(imported[key][512:], mean.expand(128, -1))
 
 
+def test_a_non_sentencepiece_tokenizer_file_is_skipped_on_import(trained, tmp_path):
+    """Llama-3 directories may hold a tiktoken ``tokenizer.model``: import without a tokenizer."""
+    src = tmp_path / "hf"
+    shutil.copytree(trained["hf_dir"], src)
+    (src / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")  # tiktoken's format
+    notes = []
+    res = import_from_hf(str(src), str(tmp_path / "ckpt"), report=notes.append)
+    assert C.read_meta(res.path)["tokenizer_model"] is None
+    assert any("not a sentencepiece model" in n for n in notes)
+
+
 # --------------------------------------------------------------- checkpoints from transformers
 @pytest.mark.parametrize(
     "variant", [dict(), dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)]
