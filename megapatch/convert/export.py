@@ -14,6 +14,7 @@ first, and the weights are loaded one layer at a time and appended (peak memory 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,8 +161,6 @@ def export_to_hf(
     padding: dict[str, torch.Tensor] = {}
     if is_writer():
         if os.path.exists(partial):
-            import shutil
-
             shutil.rmtree(partial)
         os.makedirs(partial)
         plan = [(name, shape, out_dtype) for name, shape in wmap.hf_shapes().items()]
@@ -232,11 +231,7 @@ def export_to_hf(
             },
         )
         files.append(EXPORT_META)
-        if os.path.isdir(save) and force:
-            import shutil
-
-            shutil.rmtree(save)
-        replace_dir(partial, save)
+        replace_dir(partial, save)  # an existing --save (with --force) is replaced
     barrier()
     result = ExportResult(
         path=save,
