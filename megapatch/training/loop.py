@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 
-from megapatch.config import RunConfig
+from megapatch.config import ConfigError, RunConfig
 from megapatch.model import build_model, set_patch_size, transformer_config
 from megapatch.runtime import distributed as D
 from megapatch.training import checkpoint as C
@@ -187,6 +187,11 @@ class Trainer:
 
     def _resume_or_load(self) -> None:
         latest = C.find_latest(self.save_root)
+        if latest is not None and C.read_meta(latest).get("model_only"):
+            raise ConfigError(
+                f"{latest} holds weights only (an import or a reshard without optimizer); "
+                "start from it with --load, and keep --save for the new run's checkpoints"
+            )
         if latest is not None:
             meta = C.read_meta(latest)
             stage = self.plan[meta["stage"]]
@@ -206,9 +211,10 @@ class Trainer:
                     f"{self.state.tokens:,} tokens seen"
                 )
         elif self.cfg.checkpoint.load:
-            C.load_checkpoint(self.cfg.checkpoint.load, self.chunks)
+            path = C.find_latest(self.cfg.checkpoint.load) or self.cfg.checkpoint.load
+            C.load_checkpoint(path, self.chunks)
             if self.is_main:
-                print(f"[load] weights from {self.cfg.checkpoint.load}; fresh optimizer")
+                print(f"[load] weights from {path}; fresh optimizer and schedule")
 
     def save(self) -> None:
         """A complete checkpoint of the current state (collective)."""
@@ -241,6 +247,7 @@ class Trainer:
             precision=dataclasses.asdict(cfg.precision),
             padded_vocab_size=self.padded_vocab,
             tokenizer_model=getattr(self, "meta", {}).get("tokenizer_model"),
+            add_bos_token=getattr(self, "meta", {}).get("add_bos_token", False),
             git_commit=getattr(self, "meta", {}).get("git_commit"),
             world_size=self.world,
             plan=[s.as_dict() for s in self.plan],

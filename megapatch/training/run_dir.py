@@ -53,10 +53,12 @@ def prepare_run_dir(cfg: RunConfig, plan: list[StagePlan], world_size: int) -> d
         f.write((commit or "unknown (not a git checkout)") + "\n")
     with open(os.path.join(cfg.run_dir, "plan.json"), "w") as f:
         json.dump(dict(world_size=world_size, stages=[s.as_dict() for s in plan]), f, indent=2)
-    tokenizer = None
+    tokenizer, add_bos = None, False
     if cfg.data.data_path:
         from megapatch.data.stream import parse_blend, read_meta
 
-        metas = read_meta(parse_blend(cfg.data.data_path)[0])
-        tokenizer = next((m.get("tokenizer_model") for m in metas if m), None)
-    return dict(git_commit=commit, tokenizer_model=tokenizer)
+        meta = next((m for m in read_meta(parse_blend(cfg.data.data_path)[0]) if m), {})
+        tokenizer = meta.get("tokenizer_model")
+        tokenizer = os.path.abspath(tokenizer) if tokenizer else None
+        add_bos = meta.get("bos_id") is not None
+    return dict(git_commit=commit, tokenizer_model=tokenizer, add_bos_token=add_bos)

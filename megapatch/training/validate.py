@@ -63,12 +63,38 @@ def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
     if ck.keep_last is not None and ck.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1 (or leave it unset)")
     if ck.load:
-        from megapatch.training.checkpoint import read_meta
+        from megapatch.training.checkpoint import find_latest, read_meta
 
+        path = find_latest(ck.load) or ck.load
         try:
-            read_meta(ck.load)
+            meta = read_meta(path)
         except Exception as err:
             raise ConfigError(f"--load {ck.load}: {err}") from err
+        want = m.padded_vocab_size(par.tensor_model_parallel_size)
+        have = meta.get("padded_vocab_size")
+        if have is not None and have != want:
+            raise ConfigError(
+                f"--load {path}: its vocabulary is padded to {have} rows, this run pads to {want} "
+                f"(--vocab-size {m.vocab_size}, --make-vocab-size-divisible-by "
+                f"{m.make_vocab_size_divisible_by} x TP {par.tensor_model_parallel_size}); "
+                f"re-pad it with megapatch convert reshard --tensor-model-parallel-size "
+                f"{par.tensor_model_parallel_size}, or match the vocabulary flags"
+            )
+        saved = meta.get("model") or {}
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups"):
+            mine = getattr(m, key)
+            if (
+                key in saved
+                and saved[key] != mine
+                and not (
+                    key == "num_query_groups"
+                    and (saved[key] or m.num_attention_heads) == (mine or m.num_attention_heads)
+                )
+            ):
+                raise ConfigError(
+                    f"--load {path} has {key}={saved[key]}, this run --{key.replace('_', '-')} "
+                    f"{mine}; use the checkpoint's architecture (see megapatch ckpt info)"
+                )
     if m.position_embedding_type == "learned_absolute":
         longest = max(s.positions for s in plan)
         if longest > m.max_position_embeddings:

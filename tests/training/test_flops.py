@@ -4,7 +4,6 @@ forward+backward of PatchGPTModel (token and patch level)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megapatch.model import build_model

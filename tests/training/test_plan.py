@@ -1,4 +1,4 @@
-"""The stage plan: equal tokens per step, the budget consumed exactly, impossible layouts refused."""
+"""The stage plan: equal tokens per step, the exact budget, impossible layouts refused."""
 
 from __future__ import annotations
 

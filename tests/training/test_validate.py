@@ -117,3 +117,28 @@ def test_cli_reports_one_line_and_exit_code_2(data_prefix, tmp_path):
     assert len(errors) == 1 and "--train-tokens 1000" in errors[0]
     assert not (tmp_path / "r").exists()
     assert time.monotonic() - start < 60
+
+
+def _fake_checkpoint(path, **meta):
+    import json
+
+    path.mkdir(parents=True)
+    body = dict(format_version=1, complete=True, step=0, **meta)
+    (path / "megapatch.json").write_text(json.dumps(body))
+    return str(path)
+
+
+def test_load_with_other_vocab_padding_points_to_reshard(data_prefix, tmp_path):
+    _fake_checkpoint(tmp_path / "ck" / "iter_0000000", padded_vocab_size=1024)  # a root: latest
+    cfg = tiny_run(data_prefix, str(tmp_path / "run"), checkpoint=dict(load=str(tmp_path / "ck")))
+    with pytest.raises(ConfigError, match="megapatch convert reshard"):
+        validate_config(cfg, 1)
+
+
+def test_load_with_other_architecture_is_refused(data_prefix, tmp_path):
+    ckpt = _fake_checkpoint(
+        tmp_path / "ck2", padded_vocab_size=512, model=dict(num_layers=8, hidden_size=64)
+    )
+    cfg = tiny_run(data_prefix, str(tmp_path / "run"), checkpoint=dict(load=ckpt))
+    with pytest.raises(ConfigError, match="num_layers=8"):
+        validate_config(cfg, 1)
