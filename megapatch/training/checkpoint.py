@@ -279,12 +279,7 @@ def load_checkpoint(
     if scheduler is not None:
         sd.pop("opt_param_scheduler")
     loaded = dist_checkpointing.load(sd, path)
-    models = [unwrap_model(c) for c in chunks]
-    if len(models) == 1:
-        models[0].load_state_dict(loaded["model"], strict=strict)
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    _load_models(chunks, loaded, strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
@@ -305,10 +300,14 @@ def save_model(chunks: list[torch.nn.Module], directory: str) -> None:
 
 def load_model(chunks: list[torch.nn.Module], directory: str, strict: bool = True) -> None:
     """Load weights saved at any layout (by ``save_model`` or ``save_checkpoint``)."""
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
+    _load_models(
+        chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), directory), strict
+    )
+
+
+def _load_models(chunks: list[torch.nn.Module], loaded: dict[str, Any], strict: bool) -> None:
+    """Put the ``model``/``model{i}`` entries of a loaded state dict into the chunks."""
     models = [unwrap_model(c) for c in chunks]
-    if len(models) == 1:
-        models[0].load_state_dict(loaded["model"], strict=strict)
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    for m, key in zip(models, keys):
+        m.load_state_dict(loaded[key], strict=strict)

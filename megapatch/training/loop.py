@@ -187,13 +187,13 @@ class Trainer:
 
     def _resume_or_load(self) -> None:
         latest = C.find_latest(self.save_root)
-        if latest is not None and C.read_meta(latest).get("model_only"):
-            raise ConfigError(
-                f"{latest} holds weights only (an import or a reshard without optimizer); "
-                "start from it with --load, and keep --save for the new run's checkpoints"
-            )
         if latest is not None:
             meta = C.read_meta(latest)
+            if meta.get("model_only"):
+                raise ConfigError(
+                    f"{latest} holds weights only (an import or a reshard without optimizer); "
+                    "start from it with --load, and keep --save for the new run's checkpoints"
+                )
             stage = self.plan[meta["stage"]]
             if meta["stage"] > 0 and self.cfg.stages.stage_boundary == "reset":
                 self._new_optimizer(stage)  # its scheduler covers this stage

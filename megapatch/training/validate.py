@@ -81,19 +81,19 @@ def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
                 f"{par.tensor_model_parallel_size}, or match the vocabulary flags"
             )
         saved = meta.get("model") or {}
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups"):
-            mine = getattr(m, key)
-            if (
-                key in saved
-                and saved[key] != mine
-                and not (
-                    key == "num_query_groups"
-                    and (saved[key] or m.num_attention_heads) == (mine or m.num_attention_heads)
-                )
-            ):
+        groups = saved.get("num_query_groups") or saved.get("num_attention_heads")
+        saved = dict(saved, num_query_groups=groups) if saved else saved
+        mine = dict(
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups or m.num_attention_heads,
+        )
+        for key, value in mine.items():
+            if key in saved and saved[key] != value:
                 raise ConfigError(
                     f"--load {path} has {key}={saved[key]}, this run --{key.replace('_', '-')} "
-                    f"{mine}; use the checkpoint's architecture (see megapatch ckpt info)"
+                    f"{value}; use the checkpoint's architecture (see megapatch ckpt info)"
                 )
     if m.position_embedding_type == "learned_absolute":
         longest = max(s.positions for s in plan)
