@@ -10,8 +10,13 @@ from megapatch.config import ConfigError, RunConfig
 from megapatch.training.plan import StagePlan, make_plan
 
 
-def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
-    """Validate ``cfg`` for ``world_size`` ranks; return the stage plan."""
+def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) -> list[StagePlan]:
+    """Validate ``cfg`` for ``world_size`` ranks; return the stage plan.
+
+    ``runtime=False`` plans a run for another machine (a laptop planning an H100 job): what only
+    that machine has (Transformer Engine for FP8, the data files, a --load checkpoint) is not
+    checked; every shape and setting is.
+    """
     from megapatch.model.specs import check_fp8_positions, use_transformer_engine
 
     m, par, prec, tr, opt, ck = (
@@ -25,7 +30,8 @@ def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
     m.validate()
     par.validate(m)
     prec.validate()
-    use_transformer_engine(prec)  # refuses TE / FP8 asked for without Transformer Engine
+    if runtime:
+        use_transformer_engine(prec)  # refuses TE / FP8 asked for without Transformer Engine
     if cfg.stages.patch_size > 1 and m.mtp_num_layers:
         raise ConfigError(
             "--patch-size > 1 cannot be combined with --mtp-num-layers (megatron's multi-token "
@@ -62,7 +68,7 @@ def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
         raise ConfigError("--save-interval must be >= 1 (or leave it unset)")
     if ck.keep_last is not None and ck.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1 (or leave it unset)")
-    if ck.load:
+    if ck.load and runtime:
         from megapatch.training.checkpoint import find_latest, read_meta
 
         path = find_latest(ck.load) or ck.load
@@ -110,7 +116,8 @@ def validate_config(cfg: RunConfig, world_size: int) -> list[StagePlan]:
         )
         for s in plan:
             check_fp8_positions(fp8, s.positions * s.micro_batch_size)
-    _validate_data(cfg)
+    if runtime:  # the data and checkpoints live where the run will start
+        _validate_data(cfg)
     return plan
 
 
