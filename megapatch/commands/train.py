@@ -4,6 +4,9 @@ Launch one process per GPU (torchrun or srun); on a CPU machine a single process
 Every config field is a Megatron-style flag; ``--config`` reads a YAML recipe (examples/)
 that flags override. The resolved config, the git commit and the plan are written into the run
 directory; ``--dry-run`` prints the plan and exits.
+
+Exit codes: 0 finished; 75 stopped early with a complete checkpoint (SIGTERM/SIGUSR1, time
+limit, --exit-interval: run the same command again to continue); 1 failed; 2 bad input.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from megapatch.config import ConfigError, add_run_arguments, config_from_args
 
 def run(args: argparse.Namespace) -> int:
     """Parse the config, validate it, train."""
+    from megapatch.training import exit_codes
     from megapatch.training.loop import train
 
     try:
@@ -23,13 +27,15 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, dry_run=args.dry_run)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not args.dry_run and not summary.get("exited"):
+        return exit_codes.BAD_INPUT
+    if args.dry_run:
+        return exit_codes.FINISHED
+    if summary["exit_code"] == exit_codes.FINISHED:
         print(
             f"done: {summary['step']} steps, {summary['tokens']:,} tokens, "
             f"final token-level val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})"
         )
-    return 0
+    return summary["exit_code"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -66,10 +66,15 @@ def build_data_loader(
     sampler = PretrainingBatchSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
     )
+    from megapatch.runtime.signals import protected_helper_init
+
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        # A scheduler's SIGTERM reaches every process of the job: workers must not die under
+        # the trainer while it finishes its step and saves (they die with it instead).
+        worker_init_fn=protected_helper_init if num_workers else None,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )

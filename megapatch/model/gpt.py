@@ -36,7 +36,9 @@ from megapatch.model.specs import block_spec, check_fp8_positions, use_transform
 class PatchGPTModel(GPTModel):
     """GPTModel whose input is K-token patches and whose loss predicts the next patch."""
 
-    def __init__(self, *args: Any, patch_size: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, patch_size: int = 1, real_vocab_size: int | None = None, **kwargs: Any
+    ) -> None:
         if specs.INIT_SEED[0] is not None:
             torch.manual_seed(specs.INIT_SEED[0])  # embedding, then layers reseed themselves
         super().__init__(*args, **kwargs)
@@ -44,6 +46,13 @@ class PatchGPTModel(GPTModel):
             # Same module, same parameters and construction-time RNG draws as GPTModel's
             # embedding; only the forward learns about patches.
             self.embedding.__class__ = PatchEmbedding
+        # The tokenizer's vocabulary; rows beyond it only pad the table for TP (never targets).
+        self.real_vocab_size = real_vocab_size or self.vocab_size
+        if not 0 < self.real_vocab_size <= self.vocab_size:
+            raise ConfigError(
+                f"--vocab-size {self.real_vocab_size} must lie in [1, {self.vocab_size}] (the "
+                "padded vocabulary)"
+            )
         self.patch_size = 1
         self.set_patch_size(patch_size)
 
@@ -102,8 +111,12 @@ class PatchGPTModel(GPTModel):
         )
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
-        """Per-target-token loss [b, K*T]; megatron's own loss at K=1."""
+        """Per-target-token loss [b, K*T] over the real vocabulary (padding rows masked);
+        megatron's own loss at K=1."""
         k = self.patch_size
+        tp = self.pg_collection.tp
+        gathered = logits.size(-1) == self.vocab_size and tp.size() > 1
+        logits = self._mask_vocab_padding(logits, gathered)
         if k == 1:
             return super().compute_language_model_loss(labels, logits)
         t, b = logits.shape[:2]
@@ -112,11 +125,24 @@ class PatchGPTModel(GPTModel):
                 f"labels {tuple(labels.shape)} do not match {t} patch positions x K={k} for "
                 f"batch {b}"
             )
-        tp = self.pg_collection.tp
-        gathered = logits.size(-1) == self.vocab_size and tp.size() > 1
         targets = labels.view(b, t, k).transpose(0, 1)  # [T, b, K]
         loss = vocab_parallel_multi_token_cross_entropy(logits, targets, None if gathered else tp)
         return loss.transpose(0, 1).reshape(b, t * k)
+
+    def _mask_vocab_padding(self, logits: Tensor, gathered: bool) -> Tensor:
+        """Logits of the padding rows (ids >= the tokenizer's vocabulary) set to -inf, so the
+        softmax spans the real vocabulary only: the trained model is the one the export
+        (which drops the padding rows) describes. Padding rows get no gradient from the loss."""
+        if self.real_vocab_size == self.vocab_size:
+            return logits
+        local = logits.size(-1)
+        start = 0 if gathered else self.pg_collection.tp.rank() * local
+        first_pad = min(max(self.real_vocab_size - start, 0), local)
+        if first_pad == local:
+            return logits
+        logits = logits.clone() if logits.requires_grad and logits.is_leaf else logits
+        logits[..., first_pad:] = float("-inf")
+        return logits
 
 
 def transformer_config(
@@ -221,6 +247,7 @@ def _build_chunks(model, parallel, precision, patch_size, config, vpp, chunks) -
             rotary_base=model.rotary_base,
             vp_stage=vp,
             patch_size=patch_size,
+            real_vocab_size=model.vocab_size,
         )
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())

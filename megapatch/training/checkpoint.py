@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -180,8 +181,23 @@ def save_checkpoint(
     scheduler: Any | None = None,
     with_rng: bool = True,
     keep_last: int | None = None,
+    hook: Callable[[str], None] | None = None,
 ) -> str:
-    """Write a complete checkpoint of ``step`` under ``root`` (collective); return its path."""
+    """Write a complete checkpoint of ``step`` under ``root`` (collective); return its path.
+
+    Stop signals (SIGTERM/SIGUSR1) arriving meanwhile are held until the checkpoint is
+    complete, in this process and in megatron's writer helpers (:mod:`.signals`); ``hook``
+    (tests) is called with ``"commit"`` once the files are written, before the checkpoint is
+    made complete.
+    """
+    from megapatch.runtime.signals import protect_checkpoint_writer, stop_signals_deferred
+
+    protect_checkpoint_writer()
+    with stop_signals_deferred():
+        return _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, hook)
+
+
+def _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, hook) -> str:  # noqa: ANN001
     rank = torch.distributed.get_rank()
     final = os.path.join(root, checkpoint_name(step))
     partial = final + ".partial"
@@ -194,6 +210,8 @@ def save_checkpoint(
     sd = _state_dict(chunks, optimizer, scheduler, with_rng, is_loading=False)
     dist_checkpointing.save(sd, partial)
     torch.distributed.barrier()
+    if hook is not None:
+        hook("commit")
     if rank == 0:
         body = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
         _write_text_atomic(os.path.join(partial, CHECKPOINT_META), json.dumps(body, indent=2))

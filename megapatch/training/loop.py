@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -20,16 +19,21 @@ from megatron.core import parallel_state
 from megapatch.config import ConfigError, RunConfig
 from megapatch.model import build_model, set_patch_size, transformer_config
 from megapatch.runtime import distributed as D
+from megapatch.runtime.signals import ExitMonitor, fault_point, stop_signals_deferred
 from megapatch.training import checkpoint as C
+from megapatch.training import exit_codes
 from megapatch.training.evaluate import evaluate
 from megapatch.training.flops import flops_per_step
-from megapatch.training.metrics import MetricsLogger, memory_gib, plot_validation
+from megapatch.training.metrics import (
+    MetricsLogger,
+    memory_gib,
+    plot_validation,
+    roll_back_records,
+)
 from megapatch.training.plan import StagePlan, format_plan, make_plan
-from megapatch.training.run_dir import prepare_run_dir
+from megapatch.training.run_dir import RunDirLock, prepare_run_dir, write_summary
 from megapatch.training.step import build_optimizer, build_scheduler, train_step, wrap_with_ddp
 from megapatch.training.validate import validate_config
-
-FAULT_ENV = "MEGAPATCH_FAULT_AT_STEP"  # tests: SIGKILL this process after that global step
 
 
 @dataclass
@@ -41,32 +45,9 @@ class TrainState:
     stage_step: int = 0  # steps done in the current stage
     tokens: int = 0  # input tokens consumed
     flops: float = 0.0  # training FLOPs spent
-    elapsed: float = 0.0  # seconds of training (all sessions)
+    elapsed: float = 0.0  # seconds of training steps (all sessions)
     consumed_samples: list[int] = field(default_factory=list)  # per stage
-
-
-class ExitMonitor:
-    """SIGTERM/SIGUSR1 and a wall-clock limit, agreed on by every rank."""
-
-    def __init__(self, handle_signals: bool, limit_min: float | None) -> None:
-        self.flag = False
-        self.deadline = time.monotonic() + 60 * limit_min if limit_min else None
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.flag = True
-        self.reason = signal.Signals(signum).name
-
-    def should_exit(self) -> bool:
-        """True on every rank as soon as one rank got a signal or the time is up."""
-        hit = self.flag or (self.deadline is not None and time.monotonic() > self.deadline)
-        t = torch.tensor([1.0 if hit else 0.0])
-        if torch.cuda.is_available():
-            t = t.cuda()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+    stage_seconds: list[float] = field(default_factory=list)  # seconds of steps, per stage
 
 
 class _Timed:
@@ -91,17 +72,20 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        tr = cfg.training
+        # First: a stop signal from here on ends the run cleanly (exit code 75).
+        self.monitor = ExitMonitor(tr.exit_signal_handler, tr.exit_duration_in_mins)
         self.rank, self.world = D.init_process_group()
+        self.is_main = self.rank == 0
+        self.lock = RunDirLock.acquire_collective(cfg.run_dir)
         self.plan = make_plan(cfg, self.world)
         D.initialize_model_parallel(cfg.parallel)
         D.set_random_seeds(cfg.data.seed)
-        self.is_main = self.rank == 0
         self.save_root = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
         if self.is_main:
             self.meta = prepare_run_dir(cfg, self.plan, self.world)
         torch.distributed.barrier()
         self.tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-        tr = cfg.training
         self.tcfg.recompute_granularity = tr.recompute_granularity
         self.tcfg.recompute_method = tr.recompute_method
         self.tcfg.recompute_num_layers = tr.recompute_num_layers
@@ -117,14 +101,17 @@ class Trainer:
             overlap_grad_reduce=opt.overlap_grad_reduce,
             overlap_param_gather=opt.overlap_param_gather,
         )
-        self.state = TrainState(consumed_samples=[0] * len(self.plan))
+        n = len(self.plan)
+        self.state = TrainState(consumed_samples=[0] * n, stage_seconds=[0.0] * n)
         self._new_optimizer(self.plan[0])
         self.data = self._build_data()
+        self._resume_or_load()
+        fault_point("setup", self.state.step)
+        if self.is_main:  # steps after the resumed checkpoint are trained (and logged) again
+            roll_back_records(os.path.join(cfg.run_dir, "metrics.jsonl"), self.state.step)
         self.logger = MetricsLogger(
             cfg.run_dir, cfg.logging, self.is_main, cfg.precision.fp8_format is not None
         )
-        self.monitor = ExitMonitor(tr.exit_signal_handler, tr.exit_duration_in_mins)
-        self._resume_or_load()
 
     # ---------------------------------------------------------------- setup helpers
     def _new_optimizer(self, stage: StagePlan) -> None:
@@ -182,7 +169,9 @@ class Trainer:
                 data_parallel_size=parallel_state.get_data_parallel_world_size(),
                 num_workers=self.cfg.data.num_workers,
             )
-            loaders.append(_Timed(iter(loader)))
+            # Workers start here: forked with the stop signals held, they never see one.
+            with stop_signals_deferred():
+                loaders.append(_Timed(iter(loader)))
         return loaders
 
     def _resume_or_load(self) -> None:
@@ -204,7 +193,9 @@ class Trainer:
                 scheduler=self.scheduler,
                 with_rng=meta.get("world_size") == self.world,
             )
-            self.state = TrainState(**meta["state"])
+            state = dict(meta["state"])
+            state.setdefault("stage_seconds", [0.0] * len(self.plan))
+            self.state = TrainState(**state)
             if self.is_main:
                 print(
                     f"[resume] {latest}: step {self.state.step}, stage {stage.name}, "
@@ -218,6 +209,7 @@ class Trainer:
 
     def save(self) -> None:
         """A complete checkpoint of the current state (collective)."""
+        step = self.state.step
         if self.cfg.checkpoint.no_save:
             return
         meta = dict(
@@ -236,6 +228,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             keep_last=self.cfg.checkpoint.keep_last,
+            hook=lambda _where: fault_point("save", step),
         )
 
     def meta_common(self) -> dict:
@@ -257,9 +250,10 @@ class Trainer:
     def run(self) -> dict:
         """Train every remaining stage; returns a summary (identical on all ranks)."""
         cfg, st = self.cfg, self.state
-        stage_seconds: dict[str, float] = {}
-        stage_tokens: dict[str, int] = {}
+        final: dict = {}
         last_eval_step = -1
+        if self.monitor.should_exit():  # stopped while setting up: the latest checkpoint stands
+            return self._stop(saved=False)
         while True:
             sp = self.plan[st.stage]
             if st.stage_step >= sp.steps:  # stage done (or resumed exactly at its end)
@@ -272,9 +266,9 @@ class Trainer:
             set_patch_size(self.chunks, sp.patch_size)
             loaders = self._loaders(sp)
             step_flops = flops_per_step(cfg.model, sp.global_batch, sp.positions, self.padded_vocab)
-            t_stage, window, t_win = time.perf_counter(), [], time.perf_counter()
-            tokens_at_start = st.tokens
+            t_win = time.perf_counter()
             while st.stage_step < sp.steps:
+                fault_point("step", st.step + 1)
                 res = train_step(
                     self.chunks,
                     self.optimizer,
@@ -290,9 +284,9 @@ class Trainer:
                 st.tokens += sp.tokens_per_step
                 st.flops += step_flops
                 st.consumed_samples[sp.index] += sp.global_batch
-                window.append(res)
                 now = time.perf_counter()
                 st.elapsed += now - t_win
+                st.stage_seconds[sp.index] += now - t_win
                 self._log_train(
                     sp,
                     res,
@@ -303,27 +297,27 @@ class Trainer:
                         st.step % cfg.training.log_interval == 0 or st.stage_step == sp.steps
                     ),
                 )
-                t_win = now
-                if os.environ.get(FAULT_ENV) == str(st.step):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                fault_point("end", st.step)
                 if st.step % cfg.training.eval_interval == 0:
+                    fault_point("eval", st.step)
                     final = self._evaluate(sp)
                     last_eval_step = st.step
                 at_boundary = st.stage_step == sp.steps and st.stage < len(self.plan) - 1
                 interval = cfg.checkpoint.save_interval
-                due = bool(interval) and st.step % interval == 0
-                ei = cfg.training.exit_interval
-                exiting = self.monitor.should_exit() or bool(ei and st.step % ei == 0)
-                if due or at_boundary or exiting:
+                saved = False
+                if at_boundary:
+                    fault_point("boundary", st.step)
+                if at_boundary or (interval and st.step % interval == 0):
                     self.save()
-                if exiting:
-                    if self.is_main:
-                        print(f"[exit] checkpoint saved at step {st.step}; exiting cleanly")
-                    self.logger.close()
-                    return dict(exited=True, step=st.step)
+                    saved = True
+                # After the save: a signal that arrived during the step, the evaluation or the
+                # save itself stops the run here, with this step's checkpoint.
+                ei = cfg.training.exit_interval
+                if self.monitor.should_exit() or bool(ei and st.step % ei == 0):
+                    if not self.monitor.reason:
+                        self.monitor.reason = f"--exit-interval {ei}"
+                    return self._stop(saved=saved)
                 t_win = time.perf_counter()
-            stage_seconds[sp.name] = time.perf_counter() - t_stage
-            stage_tokens[sp.name] = st.tokens - tokens_at_start
         if last_eval_step != st.step:
             final = self._evaluate(self.plan[-1])
         last = C.find_latest(self.save_root)
@@ -338,16 +332,50 @@ class Trainer:
                 {os.path.basename(cfg.run_dir.rstrip("/")): metrics},
                 os.path.join(cfg.run_dir, "val_loss.png"),
             )
-        return dict(
-            exited=False,
+        return self._summary(exit_codes.FINISHED, final)
+
+    def _stop(self, saved: bool) -> dict:
+        """Stop early with a complete checkpoint of the last finished step (exit code 75)."""
+        st = self.state
+        if not saved and not self.cfg.checkpoint.no_save:
+            last = C.find_latest(self.save_root)
+            if st.step > 0 and (last is None or not last.endswith(C.checkpoint_name(st.step))):
+                self.save()
+        if self.is_main:
+            print(
+                f"[exit] {self.monitor.reason or 'stop requested'}: checkpoint of step {st.step} "
+                f"is complete; run the same command again to continue (exit code "
+                f"{exit_codes.STOPPED})",
+                flush=True,
+            )
+        self.logger.close()
+        return self._summary(exit_codes.STOPPED, {})
+
+    def _summary(self, code: int, final: dict) -> dict:
+        """The run's summary (also RUN_DIR/run_summary.json, written by rank 0)."""
+        st = self.state
+        summary = dict(
+            status=exit_codes.NAMES[code],
+            exit_code=code,
+            exited=code == exit_codes.STOPPED,
             step=st.step,
             tokens=st.tokens,
             flops=st.flops,
             seconds=st.elapsed,
-            stage_seconds=stage_seconds,
-            stage_tokens=stage_tokens,
-            **final,
+            stage_seconds={s.name: st.stage_seconds[s.index] for s in self.plan},
+            stage_tokens={
+                s.name: st.consumed_samples[s.index] * s.tokens_per_sample for s in self.plan
+            },
+            val_loss=final.get("val_loss"),
+            val_ppl=final.get("val_ppl"),
+            world_size=self.world,
+            git_commit=getattr(self, "meta", {}).get("git_commit"),
+            plan=[s.as_dict() for s in self.plan],
         )
+        if self.is_main:
+            write_summary(self.cfg.run_dir, summary)
+        torch.distributed.barrier()  # every rank leaves together, with the summary written
+        return summary
 
     def _log_train(self, sp, res, seconds, loaders, step_flops, print_line) -> None:  # noqa: ANN001
         wait = sum(it.wait for it in loaders)
@@ -398,4 +426,7 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict:
     if dry_run:
         return dict(plan=[s.as_dict() for s in plan])
     trainer = Trainer(cfg)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        trainer.lock.release()

@@ -150,3 +150,29 @@ def plot_validation(runs: dict[str, str], out_png: str) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def roll_back_records(path: str, step: int) -> int:
+    """Move the records of steps after ``step`` out of ``path`` (a run resumed from the
+    checkpoint of ``step`` trains them again) into ``*.rolled_back.jsonl``, so each step
+    appears once; returns how many were moved."""
+    if not os.path.isfile(path):
+        return 0
+    keep, moved = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                late = json.loads(line).get("step", 0) > step
+            except json.JSONDecodeError:  # a line cut by a kill: nothing to keep
+                late = True
+            (moved if late else keep).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(path.replace(".jsonl", ".rolled_back.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(moved)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import types
 
 from megapatch.config import ConfigError, RunConfig
 from megapatch.training.plan import StagePlan, make_plan
@@ -17,7 +16,7 @@ def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) ->
     that machine has (Transformer Engine for FP8, the data files, a --load checkpoint) is not
     checked; every shape and setting is.
     """
-    from megapatch.model.specs import check_fp8_positions, use_transformer_engine
+    from megapatch.model.specs import use_transformer_engine
 
     m, par, prec, tr, opt, ck = (
         cfg.model,
@@ -108,17 +107,47 @@ def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) ->
                 f"--max-position-embeddings ({m.max_position_embeddings}) is shorter than the "
                 f"{longest} positions per sample of this plan"
             )
-    if prec.fp8_format is not None:
-        fp8 = types.SimpleNamespace(
-            fp8=prec.fp8_format,
-            tensor_model_parallel_size=par.tensor_model_parallel_size,
-            sequence_parallel=par.sequence_parallel,
-        )
-        for s in plan:
-            check_fp8_positions(fp8, s.positions * s.micro_batch_size)
+    _check_shapes(cfg, plan)
     if runtime:  # the data and checkpoints live where the run will start
         _validate_data(cfg)
     return plan
+
+
+def _check_shapes(cfg: RunConfig, plan: list[StagePlan]) -> None:
+    """Every [positions x micro-batch] shape the run will use, at this layout: each stage's
+    training samples, token-level validation (T positions) and, in a patch stage,
+    patch-level validation (the patches that fit a validation window)."""
+    from megapatch.training.evaluate import patch_eval_positions, position_alignment
+
+    par, t = cfg.parallel, cfg.data.seq_length
+    tp, sp = par.tensor_model_parallel_size, par.sequence_parallel
+    fp8 = cfg.precision.fp8_format is not None
+    align = position_alignment(tp, sp, fp8)
+    why = " and ".join(
+        [f"--tensor-model-parallel-size {tp} with --sequence-parallel"] * sp
+        + ["--fp8-format (16 positions per GEMM)"] * fp8
+    )
+    shapes = [(f"the {s.name} stage's samples", s.positions) for s in plan]
+    shapes.append(("token-level validation", t))
+    for s in plan:
+        if s.patch_size > 1:
+            patches = patch_eval_positions(t, s.patch_size)
+            shapes.append((f"patch-level validation (K={s.patch_size})", patches))
+    for what, positions in shapes:
+        if "patch-level validation" in what:
+            usable = positions // align * align
+            if usable < 1:
+                raise ConfigError(
+                    f"{what} fits {positions} patches in a window of --seq-length {t} tokens, "
+                    f"fewer than the {align} that {why} needs; raise --seq-length or lower "
+                    "--patch-size"
+                )
+        elif positions % align:
+            raise ConfigError(
+                f"{what} have {positions} positions, not a multiple of {align} as {why} needs; "
+                "change --seq-length (patch positions are tokens / --patch-size), the layout or "
+                "--micro-batch-size"
+            )
 
 
 def _validate_data(cfg: RunConfig) -> None:

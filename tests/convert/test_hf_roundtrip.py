@@ -126,6 +126,29 @@ def test_transformers_loads_the_export_with_the_same_logits(trained):
     assert abs(mine_loss - hf_loss) < 1e-5
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_the_export_has_megapatch_s_patch_loss_at_every_k(trained, k):
+    """The trained model is the exported one: its loss spans the real vocabulary (megapatch
+    masks the padding rows, which the export drops). The patch loss at K, computed on the
+    transformers model by hand (mean of K input embeddings, RoPE over patch indices, K targets
+    under one softmax), equals megapatch's PatchGPTModel loss at K in fp32."""
+    hf, _ = _hf_model(trained["hf_dir"])
+    ours = _load(trained["ckpt"])
+    ours.set_patch_size(k)
+    x = trained["held_out"]  # [2, 129]
+    t = (x.size(1) - k) // k  # patches per sample
+    tokens, labels = x[:, : k * t], x[:, k : k * t + k]
+    with torch.no_grad():
+        positions = (torch.arange(k * t) // k).expand(x.size(0), -1)
+        mine = float(ours(tokens, positions, None, labels=labels).mean())
+        emb = hf.model.embed_tokens(tokens).view(x.size(0), t, k, -1).mean(dim=2)
+        logits = hf(inputs_embeds=emb, position_ids=torch.arange(t)[None]).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [b, T, V]: real rows only
+        theirs = float(-log_probs.gather(-1, labels.view(x.size(0), t, k)).mean())
+    print(f"\nK={k}: patch loss megapatch {mine:.6f}, transformers {theirs:.6f}")
+    assert mine == pytest.approx(theirs, rel=1e-5)
+
+
 def test_greedy_continuations_are_identical(trained):
     from transformers import GenerationConfig
 

@@ -42,17 +42,28 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _megatron_loss_over_real_vocab(model, d, vocab_size):
+    """megatron's own loss on megatron's GPTModel logits, the padding rows masked out."""
+    logits = model(d["tokens"], d["position_ids"], None).transpose(0, 1)  # [s, b, V_padded]
+    logits = logits.masked_fill(torch.arange(logits.size(-1)) >= vocab_size, float("-inf"))
+    return model.compute_language_model_loss(d["labels"], logits)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_k1_is_exactly_megatron_gpt(single_rank, tied):
     model_cfg = tiny_model(untie_embeddings_and_output_weights=not tied)
+    assert model_cfg.padded_vocab_size() > model_cfg.vocab_size  # 250 real rows of 256
     ours, theirs = _build(model_cfg), _megatron_gpt(model_cfg)
     sd_a, sd_b = ours.state_dict(), theirs.state_dict()
     assert sd_a.keys() == sd_b.keys()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a if torch.is_tensor(sd_a[k]))
     d = make_samples(2, 1, 24, model_cfg.vocab_size)
     la = ours(d["tokens"], d["position_ids"], None, labels=d["labels"])
-    lb = theirs(d["tokens"], d["position_ids"], None, labels=d["labels"])
+    lb = _megatron_loss_over_real_vocab(theirs, d, model_cfg.vocab_size)
     assert torch.equal(la, lb)
+    # Without the mask megatron's loss differs: the padding rows would take probability mass.
+    unmasked = theirs(d["tokens"], d["position_ids"], None, labels=d["labels"])
+    assert (unmasked - lb).min() > 0
     (la * d["loss_mask"]).sum().backward()
     (lb * d["loss_mask"]).sum().backward()
     ga, gb = _grads(ours), _grads(theirs)
@@ -76,7 +87,8 @@ def _official_reference(model_cfg, d, k, masked: bool):
     if ref.embedding.add_position_embedding:
         patches = patches + ref.embedding.position_embeddings.weight[:t]
     logits = ref(None, None, None, decoder_input=patches.transpose(0, 1).contiguous())
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [b, T, V]
+    # The softmax spans the tokenizer's vocabulary (the padded table rows are not tokens).
+    log_probs = torch.log_softmax(logits.float()[..., : model_cfg.vocab_size], dim=-1)
     targets = labels.view(b, t, k)
     nll = torch.stack(
         [-log_probs.gather(-1, targets[..., j : j + 1])[..., 0] for j in range(k)], -1
@@ -125,8 +137,8 @@ def test_per_token_losses_align_with_labels(single_rank):
     model = _build(model_cfg, k=4)
     d = make_samples(2, 4, 5, model_cfg.vocab_size)
     per_token = model(d["tokens"], d["position_ids"], None, labels=d["labels"])
-    logits = model(d["tokens"], d["position_ids"], None)  # [b, T, V]
-    lp = torch.log_softmax(logits.float(), -1)
+    logits = model(d["tokens"], d["position_ids"], None)  # [b, T, V_padded]
+    lp = torch.log_softmax(logits.float()[..., : model_cfg.vocab_size], -1)  # real vocabulary
     b, t = 1, 3
     for j in range(4):
         expect = -lp[b, t, d["labels"][b, t * 4 + j]]

@@ -61,3 +61,14 @@ def tiny_run(data_prefix: str, run_dir: str, **sections) -> RunConfig:
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def full_tp1(data_prefix, tmp_path_factory):
+    """The uninterrupted tiny run at TP1: (run dir, losses by step, stdout)."""
+    from tests.training.runs import check, launch, losses
+
+    run_dir = str(tmp_path_factory.mktemp("full") / "tp1")
+    proc = launch(tiny_run(data_prefix, run_dir))
+    check(proc)
+    return run_dir, losses(run_dir), proc.stdout

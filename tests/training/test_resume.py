@@ -7,76 +7,28 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from megapatch.config import to_yaml
-from megapatch.training.metrics import read_records
+from megapatch.training import exit_codes
 from tests.training.conftest import tiny_run
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _command(cfg_path: Path, nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "megapatch.cli", "train", "--config", str(cfg_path)]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megapatch.cli",
-        "train",
-        "--config",
-        str(cfg_path),
-    ]
-
-
-def _write(cfg) -> Path:
-    path = Path(cfg.run_dir + ".yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
-    return path
-
-
-def launch(cfg, nproc=1, fault_at=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run to completion. Output goes to files and the run gets its own process group, which
-    is killed afterwards: a SIGKILLed trainer leaves megatron's checkpoint-writer helper
-    process behind (as a node would lose it with the job step on a cluster)."""
-    env = dict(ENV)
-    if fault_at is not None:
-        env["MEGAPATCH_FAULT_AT_STEP"] = str(fault_at)
-    cfg_path = _write(cfg)
-    out_path, err_path = Path(f"{cfg_path}.out"), Path(f"{cfg_path}.err")
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            _command(cfg_path, nproc), env=env, stdout=out, stderr=err, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return subprocess.CompletedProcess(proc.args, rc, out_path.read_text(), err_path.read_text())
-
-
-def _losses(run_dir: str) -> dict[int, tuple]:
-    recs = read_records(os.path.join(run_dir, "metrics.jsonl"), "train")
-    return {r["step"]: (r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in recs}
-
-
-def _check(proc, ok=True):
-    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+from tests.training.runs import (
+    ENV,
+    check,
+    check_stopped,
+    command,
+    kill_group,
+    launch,
+    losses,
+    write_config,
+)
 
 
 def _kill_chain(data_prefix, run_dir, nproc, parallel, faults, **sections):
@@ -84,24 +36,21 @@ def _kill_chain(data_prefix, run_dir, nproc, parallel, faults, **sections):
     for step in faults:
         proc = launch(cfg, nproc, fault_at=step)
         assert proc.returncode != 0, f"the run was meant to die at step {step}"
-        assert max(_losses(run_dir)) == step
-    _check(launch(cfg, nproc))
-    return _losses(run_dir)
-
-
-@pytest.fixture(scope="module")
-def full_tp1(data_prefix, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("full") / "tp1")
-    proc = launch(tiny_run(data_prefix, run_dir))
-    _check(proc)
-    return run_dir, _losses(run_dir), proc.stdout
+        assert max(losses(run_dir)) == step
+    check(launch(cfg, nproc))
+    return losses(run_dir)
 
 
 def test_full_run_consumes_the_budget_exactly(full_tp1):
-    _, losses, stdout = full_tp1
-    assert sorted(losses) == list(range(1, 17))
-    assert losses[16][3] == 16 * 1024
+    run_dir, steps, stdout = full_tp1
+    assert sorted(steps) == list(range(1, 17))
+    assert steps[16][3] == 16 * 1024
     assert "patch" in stdout and "done: 16 steps, 16,384 tokens" in stdout
+    summary = json.loads((Path(run_dir) / "run_summary.json").read_text())
+    assert summary["status"] == "finished" and summary["exit_code"] == exit_codes.FINISHED
+    assert summary["tokens"] == 16 * 1024 and summary["step"] == 16
+    assert summary["stage_tokens"] == {"patch": 11 * 1024, "token": 5 * 1024}
+    assert summary["val_loss"] > 0
 
 
 # Checkpoints every 4 steps and at the boundary (step 11): killed at 6 (patch stage, resumes
@@ -111,20 +60,26 @@ FAULTS = (6, 12, 14)
 
 def test_kill_9_and_resume_is_bit_identical_tp1(full_tp1, data_prefix, tmp_path):
     _, reference, _ = full_tp1
-    resumed = _kill_chain(data_prefix, str(tmp_path / "killed"), 1, {}, FAULTS)
+    run_dir = str(tmp_path / "killed")
+    resumed = _kill_chain(data_prefix, run_dir, 1, {}, FAULTS)
     assert resumed == reference
+    # The steps after each resumed checkpoint were trained again; metrics.jsonl keeps each once.
+    from tests.training.runs import train_steps
+
+    assert train_steps(run_dir) == list(range(1, 17))
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(full_tp1, data_prefix, tmp_path):
     _, reference, _ = full_tp1
     run_dir = str(tmp_path / "term")
     cfg = tiny_run(data_prefix, run_dir)
-    proc = subprocess.Popen(
-        _command(_write(cfg), 1),
+    proc = subprocess.Popen(  # this test signals the trainer alone (its helpers: below)
+        command(write_config(cfg), 1),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -136,25 +91,22 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(full_tp1, data_prefix, tmp
     try:
         out, err = proc.communicate(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    assert "[exit] checkpoint saved at step" in out
-    stopped = max(_losses(run_dir))
+        kill_group(proc)
+    assert proc.returncode == exit_codes.STOPPED, out[-2000:] + err[-2000:]
+    assert "[exit] SIGTERM: checkpoint of step" in out
+    stopped = max(losses(run_dir))
     assert stopped < 16, "SIGTERM arrived too late to test anything"
     assert (Path(run_dir) / "checkpoints" / f"iter_{stopped:07d}" / "megapatch.json").exists()
-    _check(launch(cfg))
-    assert _losses(run_dir) == reference
+    check(launch(cfg))
+    assert losses(run_dir) == reference
 
 
 def test_kill_9_and_resume_is_bit_identical_tp2_dp2_distributed_optimizer(data_prefix, tmp_path):
     parallel = dict(tensor_model_parallel_size=2)
     optimizer = dict(use_distributed_optimizer=True)
     full_dir = str(tmp_path / "full4")
-    _check(launch(tiny_run(data_prefix, full_dir, parallel=parallel, optimizer=optimizer), 4))
-    reference = _losses(full_dir)
+    check(launch(tiny_run(data_prefix, full_dir, parallel=parallel, optimizer=optimizer), 4))
+    reference = losses(full_dir)
     resumed = _kill_chain(
         data_prefix, str(tmp_path / "killed4"), 4, parallel, FAULTS, optimizer=optimizer
     )
@@ -167,15 +119,23 @@ def test_kill_9_and_resume_is_bit_identical_tp2_dp2_distributed_optimizer(data_p
         ("tp2", dict(tensor_model_parallel_size=2)),
         ("pp2", dict(pipeline_model_parallel_size=2)),
         ("dp2", dict()),
+        # Patch-level validation under sequence parallelism (positions split over TP ranks).
+        ("tp2-sp-eval", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
     ],
 )
 def test_first_steps_equal_tp1(full_tp1, data_prefix, tmp_path, name, parallel):
     _, reference, _ = full_tp1
     run_dir = str(tmp_path / name)
-    cfg = tiny_run(data_prefix, run_dir, parallel=parallel, training=dict(exit_interval=3))
-    _check(launch(cfg, 2))
-    got = _losses(run_dir)
+    training = dict(exit_interval=3, eval_interval=2 if "eval" in name else 8)
+    cfg = tiny_run(data_prefix, run_dir, parallel=parallel, training=training)
+    check_stopped(launch(cfg, 2), run_dir, nproc=2)
+    got = losses(run_dir)
     assert sorted(got) == [1, 2, 3]
     for step in got:
         assert got[step][0] == pytest.approx(reference[step][0], rel=1e-5, abs=1e-6), step
         assert got[step][1] == pytest.approx(reference[step][1], rel=1e-4), step
+    if "eval" in name:
+        from megapatch.training.metrics import read_records
+
+        [ev] = read_records(os.path.join(run_dir, "metrics.jsonl"), "eval")
+        assert ev["step"] == 2 and math.isfinite(ev["val_patch_loss"]) and ev["val_loss"] > 0

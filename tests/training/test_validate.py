@@ -55,6 +55,26 @@ BAD = [
         "--max-position-embeddings",
     ),
     (
+        "sp-shape",
+        dict(
+            parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+            data=dict(seq_length=63),
+            training=dict(train_tokens=16 * 63 * 16),
+        ),
+        2,
+        "63 positions, not a multiple of 2 as --tensor-model-parallel-size 2 with --sequence",
+    ),
+    (
+        "sp-patch-eval",
+        dict(
+            parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+            data=dict(seq_length=4),
+            training=dict(train_tokens=16 * 4 * 16),
+        ),
+        2,
+        "patch-level validation \\(K=4\\) fits 0 patches",
+    ),
+    (
         "T-context",
         dict(
             stages=dict(patch_context="T", patch_size=3),
@@ -72,6 +92,29 @@ def test_bad_config_is_refused(data_prefix, tmp_path, sections, world, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(cfg, world)
     assert not (tmp_path / "run").exists(), "nothing may be written before validation passes"
+
+
+def test_planning_checks_shapes_but_not_this_machine(data_prefix, tmp_path):
+    """runtime=False: FP8 without Transformer Engine and absent data plan fine, but a shape
+    FP8 cannot run (15 validation patches, not a multiple of 16) is refused, naming the flag."""
+    from megapatch.config import load_yaml
+
+    fp8 = dict(precision=dict(fp8_format="hybrid", bf16=True))
+    cfg = tiny_run(data_prefix, str(tmp_path / "run"), **fp8)
+    with pytest.raises(ConfigError, match="Transformer Engine"):
+        validate_config(cfg, 1)
+    with pytest.raises(ConfigError, match="fits 15 patches .* --fp8-format"):
+        validate_config(cfg, 1, runtime=False)
+    ok = tiny_run(data_prefix, str(tmp_path / "run"), data=dict(seq_length=128, data_path=["x"]))
+    ok.precision.fp8_format, ok.precision.bf16 = "hybrid", True
+    ok.training.train_tokens = 16 * 128 * 16
+    assert [s.steps for s in validate_config(ok, 1, runtime=False)] == [11, 5]
+    seven_b = load_yaml("examples/llama2_7b.yaml")
+    plan = validate_config(seven_b, 16, runtime=False)
+    assert [(s.name, s.positions, s.global_batch) for s in plan] == [
+        ("patch", 4096, 128),
+        ("token", 4096, 512),
+    ]
 
 
 def test_the_tiny_run_itself_is_valid(data_prefix, tmp_path):
