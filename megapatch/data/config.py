@@ -92,7 +92,12 @@ class DataConfig:
         "'W1 PREFIX1 W2 PREFIX2 ...' (no weights: weighted by token count).",
     )
     split: str = arg("969,30,1", "train,valid,test weights; documents are split in index order.")
-    seed: int = arg(1234, "Seed of the per-epoch document shuffle.")
+    seed: int = arg(1234, "Seed of the per-epoch document shuffle and of the sample shuffle.")
+    shuffle_samples: bool = arg(
+        True,
+        "Shuffle the order of samples within each training stage (seeded; each stage still "
+        "reads exactly its own share of the stream). Off: consecutive windows of the stream.",
+    )
     data_cache_path: str | None = arg(
         None, "Where the stream indices are cached; default: <first prefix's dir>/index-cache."
     )

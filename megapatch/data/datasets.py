@@ -12,15 +12,24 @@ A sample of a stage with patch size K and L = K*T input tokens, starting at stre
 * ``position_ids`` (int64): the patch index of each token, ``j // K`` (K = 1: ``0..T-1``), so
   ``position_ids[::K]`` are the patch positions ``0..T-1`` the model uses.
 
+Sample order: with ``--shuffle-samples`` (the default, as Megatron's GPT datasets shuffle
+samples) sample ``i`` of a stage is window ``order[i]`` of that stage, ``order`` a seeded
+permutation of the stage's windows (seed, stage index and window geometry only): every stage
+still reads exactly its own windows once, resuming at ``consumed_samples`` continues the same
+order, and a step's global batch is the same set of windows at every data-parallel size.
+
 The validation (and test) dataset always has token-level samples (K = 1, L = T), from the
-start of its own split's stream, so validation loss is comparable across stages.
+start of its own split's stream, in stream order, so validation loss is comparable across
+stages.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megapatch.data.config import DataConfig, DataError
@@ -37,6 +46,7 @@ class StageDataset(torch.utils.data.Dataset):
         window: StageWindow,
         eod_id: int | None,
         eod_mask_loss: bool,
+        order: np.ndarray | None = None,
     ) -> None:
         if window.spec.num_samples and (stream is None or window.read_end > len(stream)):
             have = len(stream) if stream is not None else 0
@@ -48,13 +58,20 @@ class StageDataset(torch.utils.data.Dataset):
         spec = window.spec
         self.k, self.length = spec.patch_size, spec.tokens_per_sample_input
         self._positions = torch.arange(self.length) // self.k
+        if order is not None and len(order) != spec.num_samples:
+            raise DataError(f"sample order of {len(order)} for {spec.num_samples} samples")
+        self.order = order
 
     def __len__(self) -> int:
         return self.window.spec.num_samples
 
+    def window_index(self, i: int) -> int:
+        """Which of the stage's consecutive windows sample ``i`` is (``i`` unshuffled)."""
+        return i if self.order is None else int(self.order[i])
+
     def sample_start(self, i: int) -> int:
         """Stream position of sample ``i``'s first input token."""
-        return self.window.sample_start(i)
+        return self.window.sample_start(self.window_index(i))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -123,18 +140,51 @@ def build_stage_datasets(
     streams = build_streams(config, needed, is_built_on_rank)
     eod = _eod_id(config)
 
-    def make(stream: TokenStream | None, window: StageWindow) -> StageDataset | None:
+    def make(stream: TokenStream | None, window: StageWindow, shuffle: bool) -> StageDataset | None:
         if stream is None and window.spec.num_samples:
             return None  # this rank builds no data (is_built_on_rank returned False)
-        return StageDataset(stream, window, eod, config.eod_mask_loss)
+        order = sample_order(config, stream, window) if shuffle else None
+        return StageDataset(stream, window, eod, config.eod_mask_loss, order)
 
     valid, test = (
-        make(s, w) if w.spec.num_samples else None for s, w in zip(streams[1:], eval_windows)
+        make(s, w, False) if w.spec.num_samples else None for s, w in zip(streams[1:], eval_windows)
     )
     return StageDatasets(
-        train=[make(streams[0], w) for w in windows],
+        train=[make(streams[0], w, config.shuffle_samples) for w in windows],
         windows=windows,
         valid=valid,
         test=test,
         train_stream=streams[0],
     )
+
+
+def sample_order(config: DataConfig, stream: TokenStream, window: StageWindow) -> np.ndarray:
+    """The seeded permutation of a stage's windows (cached beside the stream indices).
+
+    It depends on the seed, the stage index and the window geometry only (not on the layout),
+    so every rank, and a resumed run, gets the same order. Cached as ``.npy`` in the index
+    cache and memory-mapped: a 7B run's stage of tens of millions of samples is read, not
+    recomputed, by every rank.
+    """
+    n, spec = window.spec.num_samples, window.spec
+    key = [config.seed, 0x5A3F1E, window.index, window.start, spec.tokens_per_sample_input, n]
+
+    def build() -> np.ndarray:
+        order = np.random.default_rng(key).permutation(n)
+        return order.astype(np.int32 if n < 2**31 else np.int64)
+
+    cache = config.data_cache_path or os.path.join(
+        os.path.dirname(os.path.abspath(parse_blend(config.data_path)[0][0])), "index-cache"
+    )
+    digest = getattr(stream.top, "unique_description_hash", "stream")
+    path = os.path.join(cache, f"{digest}-stage-order-{'-'.join(map(str, key))}.npy")
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(cache, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                np.save(f, build())
+            os.replace(tmp, path)  # atomic: other ranks read a whole file or build their own
+        except OSError:
+            return build()  # a read-only cache directory: keep the order in memory
+    return np.load(path, mmap_mode="r")

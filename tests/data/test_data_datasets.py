@@ -60,6 +60,15 @@ def _inputs(dataset) -> np.ndarray:
     return np.concatenate([np.zeros(0, np.int64)] + [d["tokens"].numpy() for d in dataset])
 
 
+def _inputs_in_window_order(dataset) -> np.ndarray:
+    """The stage's inputs laid back in stream order (undoing the sample shuffle)."""
+    by_window = sorted(range(len(dataset)), key=dataset.window_index)
+    assert [dataset.window_index(i) for i in by_window] == list(range(len(dataset)))
+    return np.concatenate(
+        [np.zeros(0, np.int64)] + [dataset[i]["tokens"].numpy() for i in by_window]
+    )
+
+
 def test_train_stream_is_per_epoch_shuffled_whole_train_documents(data):
     budget = 3 * sum(len(d) for d in data["docs"][: data["n_train"]])  # about 3 epochs
     built = build_stage_datasets(_config(data, seq_length=64), [StageSpec(1, 64, budget // 64)])
@@ -93,13 +102,14 @@ def test_stages_take_the_stream_prefix_exactly(data, k, lam, t, gb):
     assert patch_w.start == 0 and token_w.start == patch_w.end
     assert patch_w.end == stages[0].num_samples * k * t
     assert token_w.end - token_w.start == stages[1].num_samples * t
-    consumed = np.concatenate([_inputs(d) for d in built.train])
+    # Samples are shuffled within each stage, and each stage reads exactly its own windows.
+    consumed = np.concatenate([_inputs_in_window_order(d) for d in built.train])
     assert len(consumed) == token_w.end <= budget
-    assert np.array_equal(consumed, ref[: token_w.end])  # no gap, no overlap, in order
+    assert np.array_equal(consumed, ref[: token_w.end])  # no gap, no overlap
     for dataset, w in zip(built.train, built.windows):
         spec = w.spec
         for i in (0, len(dataset) // 2, len(dataset) - 1)[: len(dataset)]:
-            s = w.start + i * spec.tokens_per_sample_input
+            s = w.start + dataset.window_index(i) * spec.tokens_per_sample_input
             assert np.array_equal(
                 dataset[i]["labels"].numpy(),
                 ref[s + spec.patch_size :][: spec.tokens_per_sample_input],
@@ -109,7 +119,9 @@ def test_stages_take_the_stream_prefix_exactly(data, k, lam, t, gb):
 
 def test_patch_sample_layout_and_next_patch_targets(data, sp):
     k, t = 4, 8
-    built = build_stage_datasets(_config(data, seq_length=t), [StageSpec(k, k * t, 50)])
+    built = build_stage_datasets(
+        _config(data, seq_length=t, shuffle_samples=False), [StageSpec(k, k * t, 50)]
+    )
     dataset, ref = built.train[0], _reference(data, built.train_stream.datasets[0])
     assert len(dataset) == 50
     for i in range(50):
@@ -155,6 +167,51 @@ def test_same_seed_same_samples_other_seed_other_stream(data, tmp_path):
             assert all(torch.equal(d1[i][key], d2[i][key]) for key in d1[i])
     other = build_stage_datasets(_config(data, seq_length=32, seed=7), stages)
     assert not np.array_equal(_inputs(other.train[0]), _inputs(one.train[0]))
+
+
+def test_samples_are_shuffled_within_each_stage(data, tmp_path):
+    """A seeded permutation of each stage's windows: the same windows as without the shuffle,
+    in another order that depends on the seed only; a step's global batch is the same set of
+    samples at every data-parallel size."""
+    stages = [StageSpec(4, 64, 48), StageSpec(1, 16, 96)]
+
+    def build(**kw):
+        kw.setdefault("data_cache_path", str(tmp_path / "cache"))
+        return build_stage_datasets(_config(data, seq_length=16, **kw), stages)
+
+    plain, shuffled = build(shuffle_samples=False), build()
+    again = build(data_cache_path=str(tmp_path / "other-cache"))  # recomputed, not read back
+    reseeded = build(seed=99, data_cache_path=str(tmp_path / "seed99"))
+    for p, s, a, r in zip(plain.train, shuffled.train, again.train, reseeded.train):
+        order = [s.window_index(i) for i in range(len(s))]
+        assert sorted(order) == list(range(len(p))) and order != sorted(order)
+        for i in range(len(s)):
+            assert torch.equal(s[i]["tokens"], p[order[i]]["tokens"])
+            assert torch.equal(s[i]["labels"], p[order[i]]["labels"])
+        assert [a.window_index(i) for i in range(len(a))] == order
+        assert [r.window_index(i) for i in range(len(r))] != order
+        # Adjacent samples come from all over the stage, not from neighbouring windows.
+        assert np.mean(np.abs(np.diff(order)) > 1) > 0.8
+    dataset, gb, mbs = shuffled.train[1], 16, 2
+
+    def step_sets(dp):
+        per_rank = [
+            [b["tokens"] for b in build_data_loader(dataset, 0, mbs, r, dp, num_workers=0)]
+            for r in range(dp)
+        ]
+        micro_per_step = gb // (mbs * dp)
+        steps = len(per_rank[0]) // micro_per_step
+        return [
+            sorted(
+                tuple(row.tolist())
+                for r in range(dp)
+                for mb in per_rank[r][n * micro_per_step : (n + 1) * micro_per_step]
+                for row in mb
+            )
+            for n in range(steps)
+        ]
+
+    assert step_sets(1) == step_sets(2) == step_sets(4)
 
 
 @pytest.mark.parametrize(("mbs", "dp", "workers"), [(2, 1, 0), (3, 2, 0), (2, 2, 2)])
@@ -239,7 +296,8 @@ def test_index_cache_is_built_once_and_reused(data, tmp_path, monkeypatch):
     stages = [StageSpec(2, 32, 30)]
     first = build_stage_datasets(cfg, stages, valid_samples=4)
     files = sorted(os.listdir(tmp_path / "cache"))
-    assert len(files) == 6  # train and valid: description, document index, sample index
+    # train and valid: description, document index, sample index; the train stage's order
+    assert len(files) == 7 and sum("stage-order" in f for f in files) == 1
     mtimes = [os.stat(tmp_path / "cache" / f).st_mtime_ns for f in files]
     monkeypatch.setattr(DocumentStreamDataset, "_build", lambda self: pytest.fail("rebuilt"))
     again = build_stage_datasets(cfg, stages, valid_samples=4)
