@@ -10,81 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the field (as its flag) and the fix."""
-
-
-def arg(default: Any, help: str, flag: str | None = None, **meta: Any) -> Any:  # noqa: A002
-    """A dataclass field with help text, an optional explicit flag and extra metadata
-    (e.g. ``choices``); lists and dicts get a fresh copy per instance."""
-    metadata = {"help": help, **meta}
-    if flag:
-        metadata["flag"] = flag
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def flag_name(f: dataclasses.Field) -> str:
-    """The command-line flag of a config field (``--num-layers`` for ``num_layers``)."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _arg_type(hint: Any) -> tuple[Any, bool, tuple | None]:
-    """(scalar type, is_list, choices) of a type hint: int, str | None, list[str], Literal."""
-    if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], True, None
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        return type(choices[0]), False, choices
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return _arg_type(args[0])[0], False, _arg_type(args[0])[2]
-    return hint, False, None
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser | Any,
-    cls: type,
-    skip: tuple[str, ...] = (),
-    dest_prefix: str = "",
-    suppress_defaults: bool = False,
-) -> None:
-    """Add one flag per field of dataclass ``cls`` (help text, type, choices, default).
-
-    ``dest_prefix`` namespaces the destinations (``model.num_layers``); with
-    ``suppress_defaults`` a flag that is not given leaves no attribute, so it overrides nothing.
-    """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        typ, is_list, choices = _arg_type(hints[f.name])
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        kw: dict[str, Any] = {"dest": dest_prefix + f.name, "help": f.metadata["help"]}
-        kw["default"] = argparse.SUPPRESS if suppress_defaults else default
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = typ
-            kw["nargs"] = "+" if is_list else None
-            choices = f.metadata.get("choices", choices)
-            if choices:
-                kw["choices"] = choices
-        if default is not None and typ is not bool:
-            kw["help"] += f" (default: {default})"
-        parser.add_argument(flag_name(f), **kw)
-
-
-def from_args(cls: type, namespace: argparse.Namespace) -> Any:
-    """Build dataclass ``cls`` from a namespace filled by :func:`add_arguments`."""
-    names = [f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
-    return cls(**{name: getattr(namespace, name) for name in names})
+from megapatch.data.config import DataConfig
+from megapatch.fields import (  # noqa: F401 - re-exported: the config API in one place
+    ConfigError,
+    add_arguments,
+    arg,
+    coerce_field,
+    flag_name,
+    from_args,
+)
 
 
 @dataclass
@@ -377,9 +314,6 @@ class LoggingConfig:
     plot: bool = arg(True, "Write RUN_DIR/val_loss.png (validation loss vs tokens and FLOPs).")
 
 
-SECTIONS: dict[str, type] = {}  # filled below: YAML section name -> dataclass
-
-
 @dataclass
 class RunConfig:
     """Everything one run needs; saved, fully resolved, as RUN_DIR/config.yaml."""
@@ -388,57 +322,50 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    data: Any = None  # megapatch.data.config.DataConfig (imported lazily)
+    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def __post_init__(self) -> None:
-        if self.data is None:
-            from megapatch.data.config import DataConfig
-
-            self.data = DataConfig()
-
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON friendly)."""
         return dataclasses.asdict(self)
 
 
-def _sections() -> dict[str, type]:
-    if not SECTIONS:
-        from megapatch.data.config import DataConfig
-
-        SECTIONS.update(
-            model=ModelConfig,
-            parallel=ParallelConfig,
-            precision=PrecisionConfig,
-            data=DataConfig,
-            training=TrainingConfig,
-            stages=StagesConfig,
-            optimizer=OptimizerSettings,
-            checkpoint=CheckpointConfig,
-            logging=LoggingConfig,
-        )
-    return SECTIONS
-
+# YAML section name -> dataclass (the order of --help).
+SECTIONS: dict[str, type] = dict(
+    model=ModelConfig,
+    parallel=ParallelConfig,
+    precision=PrecisionConfig,
+    data=DataConfig,
+    training=TrainingConfig,
+    stages=StagesConfig,
+    optimizer=OptimizerSettings,
+    checkpoint=CheckpointConfig,
+    logging=LoggingConfig,
+)
 
 # Data fields that the training run owns or derives.
 _DATA_SKIP = ("tokenizer_model",)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build a RunConfig from nested sections; unknown sections or keys are refused."""
+    """Build a RunConfig from nested sections. Unknown sections or keys are refused; every
+    value is typed by its field's declaration (YAML's ``3e-3`` is a string: read as 0.003),
+    or refused naming ``section.key`` and the type it needs."""
     cfg = RunConfig()
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     for key, value in (raw or {}).items():
         if key == "run_dir":
-            cfg.run_dir = value
+            cfg.run_dir = coerce_field(RunConfig, "run_dir", value, source)
             continue
-        cls = _sections().get(key)
+        cls = SECTIONS.get(key)
         if cls is None:
             raise ConfigError(
-                f"{source}: unknown section '{key}'; known: run_dir, {', '.join(_sections())}"
+                f"{source}: unknown section '{key}'; known: run_dir, {', '.join(SECTIONS)}"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: section '{key}' must be a mapping of field: value")
@@ -449,7 +376,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
                 f"{source}: unknown field(s) {unknown} in section '{key}'; see "
                 "`megapatch train --help` for the fields"
             )
-        setattr(cfg, key, dataclasses.replace(getattr(cfg, key), **value))
+        typed = {k: coerce_field(cls, k, v, f"{source}: {key}.{k}") for k, v in value.items()}
+        setattr(cfg, key, dataclasses.replace(getattr(cfg, key), **typed))
     return cfg
 
 
@@ -469,14 +397,19 @@ def load_yaml(path: str) -> RunConfig:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Every config field as a Megatron-style flag (grouped by section), plus --config."""
-    parser.add_argument("--config", help="YAML recipe (see examples/); flags override it.")
+    from megapatch.fields import _STORE_ONCE
+
+    parser.add_argument(
+        "--config", action=_STORE_ONCE, help="YAML recipe (see examples/); flags override it."
+    )
     parser.add_argument(
         "--run-dir",
         dest="run_dir",
+        action=_STORE_ONCE,
         default=argparse.SUPPRESS,
         help="Run directory: config, metrics, checkpoints, plots (default: runs/default).",
     )
-    for name, cls in _sections().items():
+    for name, cls in SECTIONS.items():
         group = parser.add_argument_group(name, (cls.__doc__ or "").strip().splitlines()[0])
         skip = _DATA_SKIP if name == "data" else ()
         add_arguments(group, cls, skip=skip, dest_prefix=f"{name}.", suppress_defaults=True)
@@ -488,7 +421,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given = vars(args)
     if "run_dir" in given:
         cfg.run_dir = given["run_dir"]
-    for name in _sections():
+    for name in SECTIONS:
         updates = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(name + ".")}
         if updates:
             setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **updates))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # One flag machinery for the whole config tree (re-exported for the data CLI).
-from megapatch.config import add_arguments, arg, flag_name, from_args
+from megapatch.fields import add_arguments, arg, flag_name, from_args
 
 __all__ = ["EMBEDDED", "add_arguments", "arg", "flag_name", "from_args"]
 

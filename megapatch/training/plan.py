@@ -55,6 +55,16 @@ class StagePlan:
         return dict(asdict(self), tokens_per_step=self.tokens_per_step, tokens=self.tokens)
 
 
+# The patch share a plan may deviate from --patch-fraction by (rounding to whole steps).
+LAMBDA_TOLERANCE = 0.05
+
+
+def patch_share(plan: list[StagePlan]) -> float:
+    """λ achieved: the share of the run's tokens trained at patch level."""
+    total = sum(s.tokens for s in plan)
+    return sum(s.tokens for s in plan if s.patch_size > 1) / max(total, 1)
+
+
 def _bubble(pp: int, vpp: int | None, microbatches: int) -> float:
     """Idle fraction of 1F1B (interleaved with v chunks): (p-1) / (v*m + p-1)."""
     if pp == 1:
@@ -87,10 +97,18 @@ def make_plan(cfg: RunConfig, world_size: int) -> list[StagePlan]:
         )
     total_steps = tr.train_tokens // per_step
     patch_steps = round(lam * total_steps) if k > 1 else 0
+    achieved = patch_steps / total_steps
     if k > 1 and 0 < lam and patch_steps == 0:
         raise ConfigError(
             f"--patch-fraction {lam} of {total_steps} steps rounds to no patch step; raise "
             "--train-tokens or --patch-fraction"
+        )
+    if k > 1 and abs(achieved - lam) > LAMBDA_TOLERANCE:
+        raise ConfigError(
+            f"--patch-fraction {lam:.4g} is not reachable in whole steps: {total_steps} step(s) "
+            f"of {per_step:,} tokens give {patch_steps} patch-level step(s), a patch share of "
+            f"{achieved:.3f}; raise --train-tokens or lower --global-batch-size (or ask for "
+            f"--patch-fraction {achieved:.4g})"
         )
     stages = []
     if patch_steps:
@@ -147,5 +165,8 @@ def format_plan(plan: list[StagePlan], world_size: int) -> str:
         )
     total = sum(s.tokens for s in plan)
     cost = sum(s.tokens / s.patch_size for s in plan) / max(total, 1)
-    lines.append(f"total {total:,} tokens; compute {cost:.3f}x of token-level training")
+    lines.append(
+        f"total {total:,} tokens; patch share λ = {patch_share(plan):.3f}; "
+        f"compute {cost:.3f}x of token-level training"
+    )
     return "\n".join(lines)

@@ -68,9 +68,12 @@ def test_microbatches_and_bubble():
         (dict(tokens=1000), "whole number of steps"),
         (dict(b=10), "divisible by --patch-size"),
         (dict(mbs=3), "not divisible by --micro-batch-size"),
-        (dict(context="T", t=66, tokens=5 * 16 * 66), "--seq-length 66 must be divisible"),
+        (dict(context="T", t=66, tokens=6 * 16 * 66), "--seq-length 66 must be divisible"),
         (dict(lam=1.5), "--patch-fraction"),
         (dict(lam=0.01, tokens=16 * 64 * 2), "rounds to no patch step"),
+        # One step cannot be 2/3 patch-level: it would silently become patch-only.
+        (dict(tokens=16 * 64), "give 1 patch-level step\\(s\\), a patch share of 1.000"),
+        (dict(lam=0.5, tokens=3 * 16 * 64), "patch share of 0.667"),
     ],
 )
 def test_impossible_plans_are_refused(kwargs, match):
@@ -78,6 +81,15 @@ def test_impossible_plans_are_refused(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ConfigError, match=match):
         make_plan(_cfg(**args), world_size=1)
+
+
+def test_the_plan_states_the_patch_share_it_achieves():
+    from megapatch.training.plan import patch_share
+
+    plan = make_plan(_cfg(k=4, lam=2 / 3, t=64, b=16, tokens=16 * 16 * 64, mbs=1), 1)
+    assert [s.steps for s in plan] == [11, 5]  # round(2/3 * 16)
+    assert patch_share(plan) == 11 / 16
+    assert "patch share λ = 0.688" in format_plan(plan, 1)
 
 
 @pytest.mark.parametrize(

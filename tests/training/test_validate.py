@@ -78,7 +78,7 @@ BAD = [
         "T-context",
         dict(
             stages=dict(patch_context="T", patch_size=3),
-            training=dict(global_batch_size=18, train_tokens=18 * 64 * 4),
+            training=dict(global_batch_size=18, train_tokens=18 * 64 * 6),
         ),
         1,
         "--seq-length 64 must be divisible",
@@ -129,6 +129,63 @@ def test_the_tiny_run_itself_is_valid(data_prefix, tmp_path):
 def test_unknown_yaml_keys_are_refused(raw, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(raw)
+
+
+def test_yaml_values_are_typed_by_their_fields(tmp_path):
+    """YAML reads 3e-3 and 1e6 as strings: coerced by the field's type; nonsense refused
+    naming the file, the key and the type."""
+    from megapatch.config import load_yaml
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "optimizer: {lr: 3e-3, weight_decay: 1e-1}\ntraining: {train_tokens: 1e6}\n"
+        "data: {data_path: some/prefix, seq_length: 64.0}\n"
+    )
+    cfg = load_yaml(str(good))
+    assert cfg.optimizer.lr == 0.003 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.weight_decay == 0.1
+    assert cfg.training.train_tokens == 1_000_000 and isinstance(cfg.training.train_tokens, int)
+    assert cfg.data.data_path == ["some/prefix"] and cfg.data.seq_length == 64
+    for text, match in [
+        ("optimizer: {lr: fast}", "bad.yaml: optimizer.lr: expected a number, got 'fast'"),
+        ("training: {train_tokens: 2.5}", "training.train_tokens: expected an integer"),
+        ("training: {global_batch_size: true}", "global_batch_size: expected an integer"),
+        ("parallel: {sequence_parallel: 'yes'}", "sequence_parallel: expected true or false"),
+        ("stages: {stage_boundary: restart}", "'restart' is not one of reset, continue"),
+        ("optimizer: {lr: .inf}", "optimizer.lr: expected a number"),
+        ("model: {num_layers: null}", "model.num_layers: a value is required"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=match.replace("(", "\\(")):
+            load_yaml(str(bad))
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--data-path", "a", "--data-path", "b"], "--data-path given twice"),
+        (["--use-distributed-optimizer", "--no-use-distributed-optimizer"], "given twice"),
+        (["--patch-s", "2"], "unrecognized arguments: --patch-s"),  # no abbreviations
+        (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
+    ],
+)
+def test_ambiguous_command_lines_are_refused(argv, match, capsys):
+    from megapatch.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--dry-run", *argv])
+    assert err.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_numbers_on_the_command_line_accept_exponents():
+    from megapatch.cli import build_parser
+    from megapatch.config import config_from_args
+
+    args = build_parser().parse_args(["train", "--train-tokens", "1e6", "--lr", "3e-3"])
+    cfg = config_from_args(args)
+    assert cfg.training.train_tokens == 1_000_000 and cfg.optimizer.lr == 0.003
 
 
 def test_cli_reports_one_line_and_exit_code_2(data_prefix, tmp_path):
