@@ -47,6 +47,7 @@ class StageDataset(torch.utils.data.Dataset):
         eod_id: int | None,
         eod_mask_loss: bool,
         order: np.ndarray | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         if window.spec.num_samples and (stream is None or window.read_end > len(stream)):
             have = len(stream) if stream is not None else 0
@@ -61,6 +62,7 @@ class StageDataset(torch.utils.data.Dataset):
         if order is not None and len(order) != spec.num_samples:
             raise DataError(f"sample order of {len(order)} for {spec.num_samples} samples")
         self.order = order
+        self.vocab_size = vocab_size  # ids at or above it are refused as samples are read
 
     def __len__(self) -> int:
         return self.window.spec.num_samples
@@ -76,7 +78,14 @@ class StageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} outside stage {self.window.index} ({len(self)} samples)")
-        window = torch.from_numpy(self.stream.read(self.sample_start(i), self.length + self.k))
+        start = self.sample_start(i)
+        window = torch.from_numpy(self.stream.read(start, self.length + self.k))
+        if self.vocab_size is not None and int(window.max()) >= self.vocab_size:
+            raise DataError(
+                f"token id {int(window.max())} in stream tokens [{start}, "
+                f"{start + self.length + self.k}) is beyond --vocab-size {self.vocab_size}: the "
+                "data was tokenized with a larger vocabulary; set --vocab-size to its size"
+            )
         labels = window[self.k :]
         loss_mask = torch.ones(self.length, dtype=torch.float32)
         if self.eod_mask_loss:
@@ -118,13 +127,15 @@ def build_stage_datasets(
     valid_samples: int = 0,
     test_samples: int = 0,
     is_built_on_rank: Callable[[], bool] | None = None,
+    vocab_size: int | None = None,
 ) -> StageDatasets:
     """Lay ``stages`` consecutively on the training stream and build a dataset for each.
 
     ``stages`` are in training order (e.g. from ``stage_specs_from_budget``). Validation and
     test datasets hold ``valid_samples`` / ``test_samples`` token-level samples of
     ``config.seq_length`` + 1 tokens from their own splits (None when 0). Call on every rank:
-    index caches are built by rank 0 first when torch.distributed is initialised.
+    index caches are built by rank 0 first when torch.distributed is initialised. With
+    ``vocab_size``, every sample read is bound-checked against it.
     """
     if config.seq_length < 1:
         raise DataError("--seq-length must be >= 1")
@@ -144,7 +155,7 @@ def build_stage_datasets(
         if stream is None and window.spec.num_samples:
             return None  # this rank builds no data (is_built_on_rank returned False)
         order = sample_order(config, stream, window) if shuffle else None
-        return StageDataset(stream, window, eod, config.eod_mask_loss, order)
+        return StageDataset(stream, window, eod, config.eod_mask_loss, order, vocab_size)
 
     valid, test = (
         make(s, w, False) if w.spec.num_samples else None for s, w in zip(streams[1:], eval_windows)

@@ -85,6 +85,7 @@ class Trainer:
         if self.is_main:
             self.meta = prepare_run_dir(cfg, self.plan, self.world)
         torch.distributed.barrier()
+        self.data = self._build_data()  # before the model: data problems surface in seconds
         self.tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
         self.tcfg.recompute_granularity = tr.recompute_granularity
         self.tcfg.recompute_method = tr.recompute_method
@@ -104,7 +105,6 @@ class Trainer:
         n = len(self.plan)
         self.state = TrainState(consumed_samples=[0] * n, stage_seconds=[0.0] * n)
         self._new_optimizer(self.plan[0])
-        self.data = self._build_data()
         self._resume_or_load()
         fault_point("setup", self.state.step)
         if self.is_main:  # steps after the resumed checkpoint are trained (and logged) again
@@ -153,7 +153,10 @@ class Trainer:
 
         specs = [StageSpec(s.patch_size, s.tokens_per_sample, s.samples) for s in self.plan]
         return build_stage_datasets(
-            self.cfg.data, specs, valid_samples=self.cfg.training.eval_samples
+            self.cfg.data,
+            specs,
+            valid_samples=self.cfg.training.eval_samples,
+            vocab_size=self.cfg.model.vocab_size,
         )
 
     def _loaders(self, stage: StagePlan) -> list[_Timed]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 from megapatch.config import ConfigError, RunConfig
 from megapatch.training.plan import StagePlan, make_plan
 
@@ -151,21 +149,17 @@ def _check_shapes(cfg: RunConfig, plan: list[StagePlan]) -> None:
 
 
 def _validate_data(cfg: RunConfig) -> None:
+    """The data files agree with each other and with the model's vocabulary (integrity.py)."""
     from megapatch.data.config import DataError
+    from megapatch.data.integrity import check_prefix
     from megapatch.data.stream import parse_blend, read_meta
 
     if cfg.data.num_workers < 0:
         raise ConfigError("--num-workers must be >= 0")
     try:
         prefixes, _ = parse_blend(cfg.data.data_path)
-        metas = read_meta(prefixes)
+        read_meta(prefixes)
+        for prefix in prefixes:
+            check_prefix(prefix, cfg.model.vocab_size)
     except DataError as err:
         raise ConfigError(str(err)) from err
-    for prefix, meta in zip(prefixes, metas):
-        vocab = meta.get("vocab_size")
-        if vocab is not None and vocab > cfg.model.vocab_size:
-            raise ConfigError(
-                f"--vocab-size ({cfg.model.vocab_size}) is smaller than the tokenizer of "
-                f"{prefix} ({vocab} pieces, {os.path.basename(meta.get('tokenizer_model', ''))}); "
-                f"set --vocab-size {vocab}"
-            )
