@@ -17,6 +17,7 @@ _COMMAND_MODULES: list[str] = [
     "megapatch.commands.demo",
     "megapatch.data.cli",
     "megapatch.convert.cli",
+    "megapatch.commands.study",
 ]
 
 

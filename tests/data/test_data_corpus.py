@@ -140,3 +140,29 @@ def test_preflight_empty_corpus_and_first_record(tmp_path):
     bad.write_bytes(b"\n{not json\n")
     with pytest.raises(DataError, match="m.jsonl:2: first record is not valid UTF-8 JSON"):
         check_sources(resolve_sources([str(bad)]))
+
+
+def test_embedded_source_is_every_stdlib_module_file_exactly():
+    stdlib = sysconfig.get_paths()["stdlib"]
+    docs, skips, _ = _read(["embedded:source"])
+    expected = []
+    for path in _stdlib_modules(stdlib):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if text.strip():
+            expected.append((f"embedded:source/{path[len(stdlib) + 1 :]}", text))
+    assert [(d.source, d.text) for d in docs] == expected
+    assert len(docs) > 300 and skips.skipped == 0
+    import json as json_module
+
+    with open(json_module.__file__, encoding="utf-8") as f:
+        assert f.read() in [d.text for d in docs]
+
+
+def test_embedded_names_keep_the_demo_corpus_and_add_all():
+    def parts(name):
+        return [s.path for s in resolve_sources([name])]
+
+    assert parts("embedded") == ["embedded:topics", "embedded:docstrings"]  # the demo's corpus
+    assert parts("embedded:all") == ["embedded:topics", "embedded:source"]  # each text once
+    assert parts("embedded:source") == ["embedded:source"]
