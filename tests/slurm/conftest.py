@@ -1,0 +1,86 @@
+"""A real one-node Slurm (tools/local_slurm.sh) and a small dataset for the launcher tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
+UNAVAILABLE = 3  # local_slurm.sh's exit status when Slurm cannot be had on this machine
+
+
+@dataclasses.dataclass
+class LocalSlurm:
+    """The running local Slurm: its slurm.conf, and the environment for its client commands."""
+
+    conf: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """os.environ without any enclosing job's SLURM_* variables, pointed at this Slurm."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        env["SLURM_CONF"] = self.conf
+        env.update(extra)
+        return env
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        """A Slurm client command (sbatch, squeue, scontrol, scancel) against this Slurm."""
+        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """Bring the local Slurm up (installing it if needed), or skip saying why it cannot be.
+
+    Takes it down at the end of the session when this fixture brought it up.
+    """
+    if os.geteuid() != 0:
+        pytest.skip(
+            f"a local Slurm needs root (tools/local_slurm.sh installs and starts munge, "
+            f"slurmctld and slurmd); running as uid {os.geteuid()}"
+        )
+    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
+        pytest.skip("Slurm (slurm-wlm) is not installed and apt-get is absent to install it")
+    state = os.environ.get("LOCAL_SLURM_DIR", "/tmp/megapatch-slurm")
+    was_up = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
+    proc = subprocess.run([str(LOCAL_SLURM), "up"], capture_output=True, text=True, timeout=600)
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode == UNAVAILABLE:
+        pytest.skip(f"no local Slurm: {output}")
+    assert proc.returncode == 0, f"tools/local_slurm.sh up failed:\n{output}"
+    yield LocalSlurm(conf=os.path.join(state, "slurm.conf"))
+    if not was_up:
+        subprocess.run([str(LOCAL_SLURM), "down"], capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def slurm_data_prefix(tmp_path_factory) -> str:
+    """A small real dataset (embedded corpus, 512-piece tokenizer), as the training tests use."""
+    from megapatch.data.config import PreprocessConfig, TrainTokenizerConfig
+    from megapatch.data.preprocess import preprocess
+    from megapatch.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("slurm_data")
+    model = train_tokenizer(
+        TrainTokenizerConfig(
+            input=["embedded:topics"],
+            output_prefix=str(root / "spm"),
+            vocab_size=512,
+            max_train_chars=150_000,
+        ),
+        report=lambda msg: None,
+    ).model_path
+    prefix = str(root / "topics")
+    preprocess(
+        PreprocessConfig(input=["embedded:topics"], output_prefix=prefix, tokenizer_model=model),
+        report=lambda msg: None,
+    )
+    return prefix
