@@ -123,8 +123,8 @@ if [ -n "$CONTAINER" ]; then
         --container-mounts="$mounts" --container-workdir="$REPO")
 fi
 
-stamp() { date +%Y-%m-%dT%H:%M:%S; }
-say() { echo "[launcher $(stamp)] $*"; }
+# printf's time format is a builtin: no subshell that a signal to the batch step could kill
+say() { printf '[launcher %(%Y-%m-%dT%H:%M:%S)T] %s\n' -1 "$*"; }
 
 if [ "$DRY_RUN" = 1 ]; then
     if "$PYTHON" -m megapatch.cli plan --help >/dev/null 2>&1; then
@@ -167,7 +167,11 @@ JOBS_LOG=$RUN_DIR/jobs.log
 LOG_FILE=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2)
 COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 T0=$SECONDS
-joblog() { echo "$(stamp) job $SLURM_JOB_ID restart $RESTART: $*" >>"$JOBS_LOG"; say "$*"; }
+joblog() {
+    printf '%(%Y-%m-%dT%H:%M:%S)T job %s restart %s: %s\n' -1 "$SLURM_JOB_ID" "$RESTART" "$*" \
+        >>"$JOBS_LOG"
+    say "$*"
+}
 finish() {  # finish CODE MESSAGE...: the job's closing line in jobs.log, then exit CODE
     local code=$1
     shift
@@ -219,6 +223,15 @@ on_term() {  # requeue, time limit, preemption or scancel: the trainers got SIGT
 trap on_usr1 USR1
 trap on_term TERM
 trap '' INT HUP
+requeue() {  # the requeue sends this shell SIGTERM: ignore it from here on
+    REQUEUED=1
+    trap '' TERM
+    scontrol requeue "$SLURM_JOB_ID" >"$RUN_DIR/.requeue.$SLURM_JOB_ID" 2>&1
+    local rc=$?
+    REQUEUE_OUT=$(tr '\n' ' ' <"$RUN_DIR/.requeue.$SLURM_JOB_ID")
+    rm -f "$RUN_DIR/.requeue.$SLURM_JOB_ID"
+    return $rc
+}
 
 # ---- install (at most once per node; none when megapatch imports) -----------------------------
 if [ -n "$CONTAINER" ]; then
@@ -245,9 +258,8 @@ elif ! "$PYTHON" -c 'import megapatch' 2>/dev/null; then
 fi
 if [ -n "$STOP" ] || [ -n "$ENDING" ]; then
     if [ -n "$ENDING" ]; then finish 1 "ended by Slurm before the trainers started"; fi
-    REQUEUED=1
-    scontrol requeue "$SLURM_JOB_ID" && finish 0 "stop requested before training: requeued"
-    finish 1 "stop requested before training; scontrol requeue failed"
+    requeue && finish 0 "stop requested before training: requeued"
+    finish 1 "stop requested before training; scontrol requeue failed: $REQUEUE_OUT"
 fi
 
 # ---- train ------------------------------------------------------------------------------------
@@ -316,8 +328,5 @@ fi
 if [ "$RESTART" -ge "$MAX_RESTARTS" ]; then
     finish 75 "$WHAT: stopped ($WHY); not requeued: $RESTART restarts (MAX_RESTARTS)"
 fi
-REQUEUED=1
-if out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-    finish 0 "$WHAT: stopped ($WHY); requeued (scontrol requeue $SLURM_JOB_ID)"
-fi
-finish 75 "$WHAT: stopped ($WHY); scontrol requeue failed: $out"
+requeue && finish 0 "$WHAT: stopped ($WHY); requeued (scontrol requeue $SLURM_JOB_ID)"
+finish 75 "$WHAT: stopped ($WHY); scontrol requeue failed: $REQUEUE_OUT"

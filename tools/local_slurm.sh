@@ -199,7 +199,7 @@ cmd_status() {
         say "node $HOST $(node_state); export SLURM_CONF=$CONF"
         return 0
     fi
-    say "not usable${ok:+ }(node state: '$(node_state)')"
+    say "not usable (node state: '$(node_state)')"
     return 1
 }
 
