@@ -250,6 +250,19 @@ class TrainingConfig:
     exit_signal_handler: bool = arg(
         True, "On SIGTERM/SIGUSR1 (Slurm pre-emption): save a checkpoint and exit cleanly."
     )
+    check_for_nan_in_loss_and_grad: bool = arg(
+        True,
+        "Check every step's loss and gradient norm for NaN/Inf before the update is applied "
+        "(a non-finite step never changes the weights; see --nonfinite-action).",
+    )
+    nonfinite_action: Literal["skip", "stop"] = arg(
+        "skip",
+        "A step with a non-finite loss or gradient norm: 'skip' its update (the data is "
+        "consumed, as Megatron skips overflowed steps) or 'stop' the run (exit code 1).",
+    )
+    max_nonfinite_steps: int = arg(
+        10, "Consecutive skipped non-finite steps after which the run stops (exit code 1)."
+    )
     recompute_granularity: Literal["full", "selective"] | None = arg(
         None, "Activation recomputation: 'selective' (attention core) or 'full' layers."
     )
@@ -301,6 +314,13 @@ class CheckpointConfig:
         "taken automatically.",
     )
     no_save: bool = arg(False, "Write no checkpoint at all (benchmarks, smoke runs).")
+    replan: bool = arg(
+        False,
+        "Resume with another plan (--train-tokens, --patch-fraction, --patch-size, "
+        "--seq-length, --global-batch-size, --patch-context): the remaining tokens are planned "
+        "afresh from the exact stream position reached (the stages done stay as they ran; new "
+        "stages start as after a stage switch). Without it such a resume is refused.",
+    )
 
 
 @dataclass

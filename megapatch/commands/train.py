@@ -12,6 +12,7 @@ limit, --exit-interval: run the same command again to continue); 1 failed; 2 bad
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from megapatch.config import ConfigError, add_run_arguments, config_from_args
@@ -20,7 +21,8 @@ from megapatch.config import ConfigError, add_run_arguments, config_from_args
 def run(args: argparse.Namespace) -> int:
     """Parse the config, validate it, train."""
     from megapatch.training import exit_codes
-    from megapatch.training.loop import train
+    from megapatch.training.checkpoint import CheckpointError
+    from megapatch.training.loop import NonFiniteError, train
 
     try:
         cfg = config_from_args(args)
@@ -28,6 +30,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except (NonFiniteError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_codes.FAILED
+    finally:
+        # The run is over (its checkpoint and summary written): a stop signal arriving while
+        # the interpreter shuts down must not turn the exit code into "killed".
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     if args.dry_run:
         return exit_codes.FINISHED
     if summary["exit_code"] == exit_codes.FINISHED:

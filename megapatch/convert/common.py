@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,12 +91,58 @@ def broadcast_error(err: BaseException | None) -> None:
             raise m[0](m[1])
 
 
-def check_output(path: str, force: bool, what: str) -> None:
-    """Refuse an existing non-empty output unless ``--force`` (before any expensive work)."""
-    if os.path.exists(path) and not force:
-        if os.path.isdir(path) and not os.listdir(path):
-            return
+def check_output(
+    path: str,
+    force: bool,
+    what: str,
+    inputs: tuple[str, ...] = (),
+    earlier_output: Callable[[str], bool] | None = None,
+) -> None:
+    """Refuse an output that would overwrite or delete anything but this command's own earlier
+    output (before any expensive work).
+
+    * the output may not be, contain or lie inside any of ``inputs`` (``--force`` or not);
+    * an existing non-empty output needs ``--force``, and even then is replaced only when
+      ``earlier_output(path)`` recognises it as an earlier output of the same command.
+    """
+    real = os.path.realpath(path)
+    for src in inputs:
+        other = os.path.realpath(src)
+        if real == other or other.startswith(real + os.sep) or real.startswith(other + os.sep):
+            raise ConvertError(
+                f"{what} {path} overlaps the input {src}: a command never writes over, or "
+                "deletes, what it reads; choose another output"
+            )
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
+    if not force:
         raise ConvertError(f"{path} exists; pass --force to overwrite it, or choose another {what}")
+    if earlier_output is not None and not earlier_output(path):
+        raise ConvertError(
+            f"{path} exists and is not an earlier output of this command; --force only replaces "
+            f"such an output: choose another {what}"
+        )
+
+
+def is_converted_root(root: str) -> bool:
+    """A checkpoint root holding only checkpoints written by ``convert import``/``reshard``
+    (never a training run's checkpoints)."""
+    if not os.path.isdir(root):
+        return False
+    for name in os.listdir(root):
+        if name in ("latest_checkpointed_iteration.txt", "tokenizer.model"):
+            continue
+        meta = os.path.join(root, name, "megapatch.json")
+        if not (name.startswith("iter_") and os.path.isfile(meta)):
+            return False
+        try:
+            with open(meta) as f:
+                body = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return False
+        if not ({"imported_from", "resharded_from"} & set(body)):
+            return False
+    return True
 
 
 def replace_dir(partial: str, final: str) -> None:

@@ -151,7 +151,13 @@ def export_to_hf(
         stored = ckpt.dtype(vocab_key)
         out_dtype = stored if dtype == "auto" else DTYPES[dtype]
         if is_writer():
-            check_output(save, force, "--save directory")
+            check_output(
+                save,
+                force,
+                "--save directory",
+                inputs=(load, ckpt.path),
+                earlier_output=lambda p: os.path.isfile(os.path.join(p, EXPORT_META)),
+            )
     except (ConvertError, OSError) as e:
         err = e
     broadcast_error(err)
@@ -172,6 +178,7 @@ def export_to_hf(
         )
     for group in wmap.groups:
         loaded = ckpt.load([Request(r.key, r.layer) for r in group.rules])
+        _refuse_non_finite(loaded, ckpt.path, partial if writer is not None else None)
         if writer is None:
             continue
         for rule in group.rules:
@@ -245,6 +252,21 @@ def export_to_hf(
         peak_rss=PeakMemory.peak_bytes(),
     )
     return result
+
+
+def _refuse_non_finite(loaded: dict, checkpoint: str, partial: str | None) -> None:
+    """Every rank checks the tensors it loaded (all ranks load the same): an export of
+    NaN/Inf weights is refused, naming the tensor, and its partial output removed."""
+    for request, tensor in loaded.items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+            where = request.key + (f" (layer {request.layer})" if request.layer is not None else "")
+            raise ConvertError(
+                f"{checkpoint}: {where} holds {bad:,} NaN/Inf values of {tensor.numel():,}; "
+                "refusing to export a non-finite model: export an earlier checkpoint"
+            )
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -37,6 +37,7 @@ from megapatch.convert.common import (
     dtype_name,
     ensure_world,
     git_commit,
+    is_converted_root,
     is_writer,
     read_json,
     write_json,
@@ -167,7 +168,9 @@ def import_from_hf(
             else {}
         )
         if is_writer():
-            check_output(save, force, "--save root")
+            check_output(
+                save, force, "--save root", inputs=(load,), earlier_output=is_converted_root
+            )
     except (ConvertError, MappingError, OSError) as e:
         err = e
     broadcast_error(err)

@@ -38,6 +38,7 @@ from megapatch.convert.common import (
     check_output,
     ensure_world,
     git_commit,
+    is_converted_root,
     is_writer,
     layout_str,
     write_json,
@@ -167,7 +168,13 @@ def reshard(
                 )
         extra_states = [k for k in ckpt.object_keys() if "._extra_state/" in k]
         if is_writer():
-            check_output(save, force, "--save root")
+            check_output(
+                save,
+                force,
+                "--save root",
+                inputs=(load, ckpt.path),
+                earlier_output=is_converted_root,
+            )
     except (ConvertError, OSError) as e:
         err = e
     broadcast_error(err)

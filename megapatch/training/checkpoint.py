@@ -5,7 +5,7 @@ On disk, under a checkpoint root (``RUN_DIR/checkpoints``)::
     iter_0000100/                      one complete checkpoint (a megatron dist checkpoint)
         megapatch.json                 what it is: step, stage, tokens, configs (see below)
         metadata.json, *.distcp, ...   megatron's files: model (+ optimizer, scheduler, RNG)
-    latest_checkpointed_iteration.txt  "iter_0000100": the newest COMPLETE checkpoint
+    latest_checkpointed_iteration.txt  "iter_0000100": the newest COMPLETE checkpoint (for tools)
 
 A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed only after every rank has
 finished and ``megapatch.json`` is in place, then the ``latest`` file is replaced atomically:
@@ -204,19 +204,33 @@ def _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, h
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(partial):
-            shutil.rmtree(partial)  # left by a crash: never complete, safe to drop
+            shutil.rmtree(partial)  # this run's own, left by a crash: never complete
         os.makedirs(partial)
     torch.distributed.barrier()
     sd = _state_dict(chunks, optimizer, scheduler, with_rng, is_loading=False)
-    dist_checkpointing.save(sd, partial)
-    torch.distributed.barrier()
+    error = None
+    try:
+        dist_checkpointing.save(sd, partial)
+    except Exception as err:  # noqa: BLE001 - reported below, on every rank
+        error = err
+    _raise_on_any_rank(error, root, step, partial)
     if hook is not None:
         hook("commit")
     if rank == 0:
-        body = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
-        _write_text_atomic(os.path.join(partial, CHECKPOINT_META), json.dumps(body, indent=2))
-        if os.path.exists(final):
-            shutil.rmtree(final)  # re-saving the same step (e.g. after a resume)
+        try:
+            files = {
+                name: os.path.getsize(os.path.join(partial, name))
+                for name in sorted(os.listdir(partial))
+            }
+            body = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True, files=files)
+            _write_text_atomic(os.path.join(partial, CHECKPOINT_META), json.dumps(body, indent=2))
+        except OSError as err:
+            error = err
+    _raise_on_any_rank(error, root, step, partial)
+    if rank == 0:
+        if os.path.exists(final):  # a damaged checkpoint of this step (resume fell back)
+            aside = _set_aside(final)
+            print(f"[checkpoint] {final} was damaged: kept as {aside}", flush=True)
         os.replace(partial, final)
         _write_text_atomic(os.path.join(root, LATEST_FILE), checkpoint_name(step) + "\n")
         if keep_last:
@@ -225,35 +239,111 @@ def _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, h
     return final
 
 
+def _raise_on_any_rank(error: BaseException | None, root: str, step: int, partial: str) -> None:
+    """Collective: when any rank failed to write, remove this save's partial checkpoint and
+    raise CheckpointError on every rank (disk full named as such); the previous complete
+    checkpoint and the latest pointer are untouched."""
+    import errno
+
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    if torch.cuda.is_available():
+        failed = failed.cuda()
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if not failed.item():
+        return
+    text = "".join(str(e) for e in _chain(error)) if error is not None else ""
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(error)) or (
+        "No space left on device" in text
+    )
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    previous = find_latest(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+    what = "the disk is full" if full else f"writing failed ({error or 'on another rank'})"
+    raise CheckpointError(
+        f"checkpoint of step {step} under {root} not written: {what}; its partial files were "
+        f"removed and {kept}. "
+        + ("Free space (or move --save), then " if full else "Fix the cause, then ")
+        + "run the same command again to resume."
+    ) from error
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    out = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def _set_aside(path: str) -> str:
+    n, aside = 0, path + ".damaged"
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged{n}"
+    os.replace(path, aside)
+    return aside
+
+
 def list_checkpoints(root: str) -> list[str]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Checkpoints under ``root`` with a ``megapatch.json``, oldest first (see
+    :func:`verify_checkpoint` for whether their files are whole)."""
     if not os.path.isdir(root):
         return []
     names = sorted(
         n
         for n in os.listdir(root)
         if n.startswith("iter_")
-        and not n.endswith(".partial")
+        and len(n) == len(checkpoint_name(0))
         and os.path.isfile(os.path.join(root, n, CHECKPOINT_META))
     )
     return [os.path.join(root, n) for n in names]
 
 
+def verify_checkpoint(path: str) -> str | None:
+    """None when ``path`` is a whole checkpoint, else what is wrong with it. Cheap: the files
+    and sizes recorded at save time (older checkpoints: megatron's metadata files) exist."""
+    try:
+        meta = read_meta(path)
+    except (CheckpointError, OSError, ValueError) as err:
+        return str(err)
+    files = meta.get("files")
+    if files is None:  # saved before sizes were recorded
+        files = {name: None for name in ("metadata.json", ".metadata", "common.pt")}
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if size is not None and os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full):,} bytes, {size:,} were written"
+    return None
+
+
 def _prune(root: str, keep_last: int) -> None:
-    for path in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def find_latest(root: str) -> str | None:
-    """The newest complete checkpoint under ``root``, or None when there is none."""
-    latest = os.path.join(root, LATEST_FILE)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, CHECKPOINT_META)):
-            return path
+    """Remove all but the newest ``keep_last`` checkpoints; never the newest whole one."""
     found = list_checkpoints(root)
-    return found[-1] if found else None
+    whole = [p for p in found if verify_checkpoint(p) is None]
+    keep = set(found[-keep_last:]) | set(whole[-1:])
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_latest(
+    root: str, report: Callable[[str], None] | None = None, verify: bool = False
+) -> str | None:
+    """The newest complete checkpoint under ``root``, or None when there is none.
+
+    With ``verify``, checkpoints whose files are not whole are passed over for the newest
+    one that is (``report`` says which and why); nothing is deleted.
+    """
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path) if verify else None
+        if problem is None:
+            return path
+        if report is not None:
+            report(f"{path} is damaged ({problem}); passing over it (left in place)")
+    return None
 
 
 def read_meta(path: str) -> dict[str, Any]:

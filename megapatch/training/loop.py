@@ -30,9 +30,17 @@ from megapatch.training.metrics import (
     plot_validation,
     roll_back_records,
 )
-from megapatch.training.plan import StagePlan, format_plan, make_plan
+from megapatch.training.plan import StagePlan, format_plan
+from megapatch.training.resume import data_identity, plan_request
+from megapatch.training.resume import resolve as resolve_resume
 from megapatch.training.run_dir import RunDirLock, prepare_run_dir, write_summary
-from megapatch.training.step import build_optimizer, build_scheduler, train_step, wrap_with_ddp
+from megapatch.training.step import (
+    build_optimizer,
+    build_scheduler,
+    parameters_finite,
+    train_step,
+    wrap_with_ddp,
+)
 from megapatch.training.validate import validate_config
 
 
@@ -48,6 +56,10 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training steps (all sessions)
     consumed_samples: list[int] = field(default_factory=list)  # per stage
     stage_seconds: list[float] = field(default_factory=list)  # seconds of steps, per stage
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on non-finite numbers (exit code 1); the message names the step."""
 
 
 class _Timed:
@@ -78,10 +90,18 @@ class Trainer:
         self.rank, self.world = D.init_process_group()
         self.is_main = self.rank == 0
         self.lock = RunDirLock.acquire_collective(cfg.run_dir)
-        self.plan = make_plan(cfg, self.world)
+        self.save_root = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
+        self.latest, self.latest_meta = self._find_resume_point()
+        self.resumed = resolve_resume(cfg, self.world, self.latest_meta, self.latest or "")
+        self.plan = self.resumed.plan
+        outside = os.path.relpath(os.path.abspath(self.save_root), os.path.abspath(cfg.run_dir))
+        self.save_lock = (  # a --save root outside the run directory: one run writes it
+            RunDirLock.acquire_collective(self.save_root)
+            if outside.startswith("..") and not cfg.checkpoint.no_save
+            else None
+        )
         D.initialize_model_parallel(cfg.parallel)
         D.set_random_seeds(cfg.data.seed)
-        self.save_root = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
         if self.is_main:
             self.meta = prepare_run_dir(cfg, self.plan, self.world)
         torch.distributed.barrier()
@@ -145,6 +165,8 @@ class Trainer:
             decay_steps=steps,
             decay_style=o.lr_decay_style,
             weight_decay=o.weight_decay,
+            # A re-planned run's schedule is this config's; the checkpoint gives its position.
+            override=self.resumed.replanned,
         )
 
     def _build_data(self):  # noqa: ANN202
@@ -177,10 +199,20 @@ class Trainer:
                 loaders.append(_Timed(iter(loader)))
         return loaders
 
+    def _find_resume_point(self) -> tuple[str | None, dict | None]:
+        """The newest whole checkpoint under the save root and its metadata (or None)."""
+        say = (lambda msg: print(f"[resume] {msg}", flush=True)) if self.is_main else None
+        latest = C.find_latest(self.save_root, report=say, verify=True)
+        if latest is None and C.list_checkpoints(self.save_root):
+            raise ConfigError(
+                f"no whole checkpoint under {self.save_root} (every one is damaged: see above); "
+                "move them elsewhere to start afresh, or repair them"
+            )
+        return latest, (C.read_meta(latest) if latest else None)
+
     def _resume_or_load(self) -> None:
-        latest = C.find_latest(self.save_root)
+        latest, meta = self.latest, self.latest_meta
         if latest is not None:
-            meta = C.read_meta(latest)
             if meta.get("model_only"):
                 raise ConfigError(
                     f"{latest} holds weights only (an import or a reshard without optimizer); "
@@ -197,12 +229,21 @@ class Trainer:
                 with_rng=meta.get("world_size") == self.world,
             )
             state = dict(meta["state"])
-            state.setdefault("stage_seconds", [0.0] * len(self.plan))
+            state.setdefault("stage_seconds", [0.0] * len(meta["state"]["consumed_samples"]))
             self.state = TrainState(**state)
+            if self.resumed.replanned:  # the new stages follow the ones done
+                st, first = self.state, self.resumed.first_new_stage
+                extra = len(self.plan) - first
+                st.consumed_samples = st.consumed_samples[:first] + [0] * extra
+                if self.resumed.closed_stage_samples is not None:
+                    st.consumed_samples[first - 1] = self.resumed.closed_stage_samples
+                st.stage_seconds = st.stage_seconds[:first] + [0.0] * extra
+                st.stage, st.stage_step = first, 0
             if self.is_main:
                 print(
                     f"[resume] {latest}: step {self.state.step}, stage {stage.name}, "
                     f"{self.state.tokens:,} tokens seen"
+                    + (f"; {self.resumed.note}" if self.resumed.replanned else "")
                 )
         elif self.cfg.checkpoint.load:
             path = C.find_latest(self.cfg.checkpoint.load) or self.cfg.checkpoint.load
@@ -211,10 +252,16 @@ class Trainer:
                 print(f"[load] weights from {path}; fresh optimizer and schedule")
 
     def save(self) -> None:
-        """A complete checkpoint of the current state (collective)."""
+        """A complete checkpoint of the current state (collective); never of non-finite
+        weights."""
         step = self.state.step
         if self.cfg.checkpoint.no_save:
             return
+        if not parameters_finite(self.chunks):
+            raise NonFiniteError(
+                f"step {step}: the weights are not finite; no checkpoint written (the latest, "
+                f"{C.find_latest(self.save_root) or 'none yet'}, is kept)"
+            )
         meta = dict(
             self.meta_common(),
             state=dataclasses.asdict(self.state),
@@ -247,6 +294,14 @@ class Trainer:
             git_commit=getattr(self, "meta", {}).get("git_commit"),
             world_size=self.world,
             plan=[s.as_dict() for s in self.plan],
+            plan_request=plan_request(cfg),
+            data_identity=data_identity(cfg),
+            replans=(getattr(self, "latest_meta", None) or {}).get("replans", [])
+            + (
+                [dict(step=self.latest_meta["step"], before=self.latest_meta.get("plan_request"))]
+                if getattr(self, "resumed", None) is not None and self.resumed.replanned
+                else []
+            ),
         )
 
     # ---------------------------------------------------------------- the loop
@@ -279,6 +334,7 @@ class Trainer:
                     num_microbatches=sp.num_microbatches,
                     micro_batch_size=sp.micro_batch_size,
                     seq_positions=sp.positions,
+                    check_finite=cfg.training.check_for_nan_in_loss_and_grad,
                 )
                 if res.update_successful:
                     self.scheduler.step(increment=1)
@@ -300,6 +356,7 @@ class Trainer:
                         st.step % cfg.training.log_interval == 0 or st.stage_step == sp.steps
                     ),
                 )
+                self._check_finite(res, st.step)
                 fault_point("end", st.step)
                 if st.step % cfg.training.eval_interval == 0:
                     fault_point("eval", st.step)
@@ -337,6 +394,33 @@ class Trainer:
             )
         return self._summary(exit_codes.FINISHED, final)
 
+    def _check_finite(self, res, step: int) -> None:  # noqa: ANN001
+        """Apply --nonfinite-action to a step whose update was skipped as non-finite."""
+        tr = self.cfg.training
+        if res.finite:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run = getattr(self, "nonfinite_run", 0) + 1
+        what = f"loss {res.loss}, gradient norm {res.grad_norm}"
+        latest = C.find_latest(self.save_root) or "none yet"
+        if tr.nonfinite_action == "stop" or self.nonfinite_run >= tr.max_nonfinite_steps:
+            why = (
+                "--nonfinite-action stop"
+                if tr.nonfinite_action == "stop"
+                else f"{self.nonfinite_run} consecutive non-finite steps (--max-nonfinite-steps)"
+            )
+            raise NonFiniteError(
+                f"step {step}: {what}; stopping ({why}). The weights were not updated by these "
+                f"steps and the latest checkpoint ({latest}) is finite: lower --lr, check the "
+                "data, then resume (or --load it)"
+            )
+        if self.is_main:
+            print(
+                f"[nonfinite] step {step}: {what}; update skipped ({self.nonfinite_run} in a "
+                f"row, stopping at {tr.max_nonfinite_steps})",
+                flush=True,
+            )
+
     def _stop(self, saved: bool) -> dict:
         """Stop early with a complete checkpoint of the last finished step (exit code 75)."""
         st = self.state
@@ -365,10 +449,10 @@ class Trainer:
             tokens=st.tokens,
             flops=st.flops,
             seconds=st.elapsed,
-            stage_seconds={s.name: st.stage_seconds[s.index] for s in self.plan},
-            stage_tokens={
-                s.name: st.consumed_samples[s.index] * s.tokens_per_sample for s in self.plan
-            },
+            stage_seconds=_by_name(self.plan, lambda s: st.stage_seconds[s.index]),
+            stage_tokens=_by_name(
+                self.plan, lambda s: st.consumed_samples[s.index] * s.tokens_per_sample
+            ),
             val_loss=final.get("val_loss"),
             val_ppl=final.get("val_ppl"),
             world_size=self.world,
@@ -393,6 +477,7 @@ class Trainer:
                 loss=res.loss,
                 lr=lr,
                 grad_norm=res.grad_norm,
+                skipped=not res.update_successful,
                 tokens=self.state.tokens,
                 flops=self.state.flops,
                 step_seconds=seconds,
@@ -419,6 +504,14 @@ class Trainer:
         return res
 
 
+def _by_name(plan: list[StagePlan], value) -> dict:  # noqa: ANN001
+    """Per stage kind ("patch", "token"): a re-planned run may have several of a kind."""
+    out: dict = {}
+    for s in plan:
+        out[s.name] = out.get(s.name, 0) + value(s)
+    return out
+
+
 def train(cfg: RunConfig, dry_run: bool = False) -> dict:
     """Validate, print the plan, train. ``dry_run``: print the plan and return."""
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
@@ -432,4 +525,6 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict:
     try:
         return trainer.run()
     finally:
-        trainer.lock.release()
+        for lock in (trainer.lock, trainer.save_lock):
+            if lock is not None:
+                lock.release()

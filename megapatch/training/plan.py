@@ -86,7 +86,7 @@ def make_plan(cfg: RunConfig, world_size: int) -> list[StagePlan]:
         raise ConfigError(
             "--seq-length, --global-batch-size, --micro-batch-size and --train-tokens must be >= 1"
         )
-    dp = par.data_parallel_size(world_size)
+    par.data_parallel_size(world_size)  # validates the layout
     per_step = b * t
     if tr.train_tokens % per_step:
         lo = tr.train_tokens // per_step * per_step
@@ -129,6 +129,14 @@ def make_plan(cfg: RunConfig, world_size: int) -> list[StagePlan]:
         stages.append(("patch", k, *shape, patch_steps))
     if total_steps - patch_steps:
         stages.append(("token", 1, t, t, b, total_steps - patch_steps))
+    return stage_plans(stages, cfg, world_size)
+
+
+def stage_plans(stages: list[tuple], cfg: RunConfig, world_size: int) -> list[StagePlan]:
+    """StagePlans of ``(name, K, tokens/sample, positions, samples/step, steps)`` stages, with
+    their micro-batching and bubble at this layout (a resumed run may change the layout)."""
+    tr, par = cfg.training, cfg.parallel
+    mbs, dp = tr.micro_batch_size, par.data_parallel_size(world_size)
     plan = []
     for i, (name, kk, tokens, positions, gb, steps) in enumerate(stages):
         if gb % (mbs * dp):

@@ -8,6 +8,7 @@ count) and ``finalize_model_grads`` divides the gradients by the global token co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -89,12 +90,14 @@ def build_scheduler(
     decay_steps: int = 1,
     decay_style: str = "cosine",
     weight_decay: float = 0.0,
+    override: bool = False,
 ) -> OptimizerParamScheduler:
     """megatron's LR/weight-decay scheduler (warmup then decay).
 
     It also applies each parameter group's ``wd_mult`` (no weight decay on biases and norms):
     megatron's optimizer leaves that to the scheduler, so a step without one decays every
-    parameter.
+    parameter. ``override``: a loaded state restores the position (step count) only, not the
+    settings (a re-planned resume).
     """
     return OptimizerParamScheduler(
         optimizer,
@@ -108,6 +111,8 @@ def build_scheduler(
         end_wd=weight_decay,
         wd_incr_steps=max(decay_steps, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override,
     )
 
 
@@ -150,6 +155,7 @@ class StepResult:
     tokens: int  # real target tokens in the global batch
     grad_norm: float | None = None
     update_successful: bool = True
+    finite: bool = True  # loss and gradient norm finite (else the update was not applied)
 
 
 def forward_backward(
@@ -188,8 +194,19 @@ def train_step(
     num_microbatches: int,
     micro_batch_size: int,
     seq_positions: int,
+    check_finite: bool = True,
 ) -> StepResult:
-    """Zero grads, forward/backward over the global batch, optimizer step."""
+    """Zero grads, forward/backward over the global batch, optimizer step.
+
+    The update is megatron's optimizer step taken apart at its public seams (as its
+    ``ChainedOptimizer.step`` does: ``prepare_grads``, ``get_grad_norm``,
+    ``clip_grad_by_total_norm_fp32``, ``step_with_ready_grads``), so that with
+    ``check_finite`` a non-finite loss or gradient norm (identical on every rank) is caught
+    before any weight or optimizer state changes: the update is then skipped
+    (``finite=False``) and the caller decides whether to go on.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -200,7 +217,36 @@ def train_step(
         micro_batch_size=micro_batch_size,
         seq_positions=seq_positions,
     )
-    ok, grad_norm, _ = optimizer.step()
-    result.update_successful = bool(ok)
-    result.grad_norm = None if grad_norm is None else float(grad_norm)
+    if optimizer.prepare_grads():  # megatron's own overflow check (fp16 loss scaling)
+        result.update_successful = False
+        return result
+    grad_norm = float(optimizer.get_grad_norm())
+    result.grad_norm = grad_norm
+    if check_finite and not (math.isfinite(grad_norm) and math.isfinite(result.loss)):
+        result.update_successful, result.finite = False, False
+        return result
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    result.update_successful = bool(optimizer.step_with_ready_grads())
     return result
+
+
+def parameters_finite(chunks: list[torch.nn.Module]) -> bool:
+    """Whether every parameter of every rank is finite (collective)."""
+    bad = torch.zeros(1)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                bad.fill_(1.0)
+                break
+    if torch.cuda.is_available():
+        bad = bad.cuda()
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from megapatch.config import ConfigError, RunConfig
 from megapatch.training.plan import StagePlan, make_plan
 
@@ -35,6 +37,8 @@ def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) ->
             "prediction is a different auxiliary loss); disable MTP or set --patch-size 1"
         )
     plan = make_plan(cfg, world_size)
+    if runtime:  # resuming: the checkpoint's plan (or an explicit re-plan)
+        plan = _resume_plan(cfg, world_size) or plan
     dp = par.data_parallel_size(world_size)
     for name in ("log_interval", "eval_interval", "eval_samples"):
         if getattr(tr, name) < 1:
@@ -68,7 +72,7 @@ def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) ->
     if ck.load and runtime:
         from megapatch.training.checkpoint import find_latest, read_meta
 
-        path = find_latest(ck.load) or ck.load
+        path = find_latest(ck.load, verify=True) or ck.load
         try:
             meta = read_meta(path)
         except Exception as err:
@@ -106,9 +110,42 @@ def validate_config(cfg: RunConfig, world_size: int, *, runtime: bool = True) ->
                 f"{longest} positions per sample of this plan"
             )
     _check_shapes(cfg, plan)
-    if runtime:  # the data and checkpoints live where the run will start
+    if runtime:  # the data, the run directory and checkpoints live where the run will start
+        _check_writable(cfg.run_dir, "--run-dir")
+        if not ck.no_save:
+            _check_writable(ck.save or os.path.join(cfg.run_dir, "checkpoints"), "--save")
         _validate_data(cfg)
     return plan
+
+
+def _resume_plan(cfg: RunConfig, world_size: int) -> list[StagePlan] | None:
+    """The plan a resume would follow, checked against the checkpoint's (resume.py)."""
+    from megapatch.training.checkpoint import find_latest, read_meta
+    from megapatch.training.resume import resolve
+
+    if cfg.checkpoint.no_save:
+        return None
+    root = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
+    latest = find_latest(root, verify=True)
+    if latest is None:
+        return None
+    return resolve(cfg, world_size, read_meta(latest), latest).plan
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """``path`` is (or can be made) a writable directory; checked without writing anything."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file, not a directory; move it or choose another")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag} {path} is not writable ({existing}: permission denied or a read-only "
+            "file system); choose a writable location"
+        )
 
 
 def _check_shapes(cfg: RunConfig, plan: list[StagePlan]) -> None:

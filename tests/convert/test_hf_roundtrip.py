@@ -378,7 +378,8 @@ def test_bad_inputs_fail_early_with_the_file_and_the_fix(trained, tmp_path, caps
     assert code == 2 and "--num-query-groups (2)" in err
     assert not os.path.exists(out)
 
-    # An existing output without --force (then with it).
+    # An existing output without --force; with it, only an earlier output of the same command
+    # is replaced, never anything else.
     os.makedirs(out)
     (tmp_path / "out" / "keep.txt").write_text("x")
     for argv in (
@@ -388,11 +389,54 @@ def test_bad_inputs_fail_early_with_the_file_and_the_fix(trained, tmp_path, caps
     ):
         code, err = _cli(capsys, *argv)
         assert code == 2 and f"{out} exists; pass --force" in err
+        code, err = _cli(capsys, *argv, "--force")
+        assert code == 2 and "is not an earlier output of this command" in err
     assert os.listdir(out) == ["keep.txt"]
-    code, _ = _cli(capsys, "convert", "export", "--load", trained["root"], "--save", out, "--force")
-    assert (
-        code == 0 and "model.safetensors" in os.listdir(out) and "keep.txt" not in os.listdir(out)
-    )
+    fresh = str(tmp_path / "fresh")
+    for _ in range(2):  # the second time --force replaces the first export
+        code, _ = _cli(capsys, "convert", "export", "--load", trained["root"], "--save", fresh,
+                       "--force")  # fmt: skip
+        assert code == 0 and "model.safetensors" in os.listdir(fresh)
+
+
+def test_no_command_writes_over_or_deletes_its_input(trained, tmp_path, capsys):
+    """`convert export --force --save RUN_DIR` used to delete the run directory with the
+    checkpoints it was exporting; reshard into its own root would replace its input."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(os.path.dirname(trained["root"]), run_dir)
+    root = str(run_dir / "checkpoints")
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    for argv in (
+        ("convert", "export", "--load", root, "--save", str(run_dir)),
+        ("convert", "export", "--load", root, "--save", root),
+        ("convert", "export", "--load", root, "--save", os.path.join(root, "hf")),
+        ("convert", "reshard", "--load", root, "--save", root),
+        ("convert", "import", "--load", trained["hf_dir"], "--save", trained["hf_dir"]),
+    ):
+        code, err = _cli(capsys, *argv, "--force")
+        assert code == 2 and "overlaps the input" in err and "never writes over" in err, argv
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    # A training run's checkpoint root is not a reshard output: --force does not replace it.
+    other = tmp_path / "other" / "checkpoints"
+    shutil.copytree(root, other)
+    code, err = _cli(capsys, "convert", "reshard", "--load", trained["root"], "--save",
+                     str(other), "--force")  # fmt: skip
+    assert code == 2 and "not an earlier output" in err
+
+
+def test_export_refuses_non_finite_weights(trained, tmp_path, capsys):
+    """A checkpoint with NaN weights (written before the training loop refused to write
+    them, or by other tools) is not exported: the error names the tensor."""
+    m = _load(trained["ckpt"])
+    with torch.no_grad():
+        m.decoder.layers[2].mlp.linear_fc2.weight[0, :3] = float("nan")
+    root = str(tmp_path / "nan" / "checkpoints")
+    meta = C.read_meta(trained["ckpt"])
+    C.save_checkpoint(root, 31, [m], {k: v for k, v in meta.items() if k != "files"})
+    out = str(tmp_path / "hf_nan")
+    code, err = _cli(capsys, "convert", "export", "--load", root, "--save", out)
+    assert code == 2 and "holds 3 NaN/Inf values" in err and "linear_fc2.weight (layer 2)" in err
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
 def test_ckpt_info(trained, capsys):
