@@ -35,7 +35,7 @@ def _guard(func):  # noqa: ANN001, ANN202
 def _plan(args: argparse.Namespace) -> int:
     from megapatch.study.manifest import plan_study
 
-    plan_study(args.spec, args.out)
+    plan_study(args.spec, args.out, calibration=args.calibration, parallel=args.parallel)
     return 0
 
 
@@ -95,6 +95,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("spec", metavar="SPEC.yaml", help="the study spec (see studies/)")
     plan.add_argument("--out", required=True, metavar="DIR", help="the study directory")
+    plan.add_argument(
+        "--calibration",
+        metavar="CALIB_DIR",
+        default=None,
+        help="a collected calibration study (same recipe, same machine): estimate each cell's "
+        "minutes and the wall time (~: K other than 1 and 4, scaled from K=4)",
+    )
+    plan.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="with --calibration: cells at a time for the wall-time estimate (default: 1)",
+    )
     plan.set_defaults(func=_plan)
 
     run = sub.add_parser(

@@ -210,8 +210,18 @@ def check_data(rows: list[dict[str, Any]], allow_repeated: bool) -> list[str]:
 # ---------------------------------------------------------------------------- plan
 
 
-def plan_study(spec_path: str, study_dir: str, report=print) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Expand the spec, merge with an existing manifest, check, write; returns the rows."""
+def plan_study(
+    spec_path: str,
+    study_dir: str,
+    report=print,  # noqa: ANN001
+    calibration: str | None = None,
+    parallel: int = 1,
+) -> list[dict[str, Any]]:
+    """Expand the spec, merge with an existing manifest, check, write; returns the rows.
+
+    With ``calibration`` (a collected calibration study), also estimate each cell's seconds
+    and the study's wall time at ``parallel`` cells at a time (:mod:`megapatch.study.estimate`).
+    """
     spec: Spec = load_spec(spec_path)
     cells = expand(spec)
     new_rows = [cell_row(c) for c in cells]
@@ -234,6 +244,11 @@ def plan_study(spec_path: str, study_dir: str, report=print) -> list[dict[str, A
             added += 1
     active = [r for r in merged if r["in_spec"]]
     warnings = check_heldout(active)
+    seconds: dict[str, float] | None = None
+    if calibration:
+        from megapatch.study.estimate import estimate
+
+        seconds, wall = estimate(active, calibration, parallel)
     data_notes: list[str] = []
     try:
         data_notes = check_data(active, spec.allow_repeated_data)
@@ -258,7 +273,7 @@ def plan_study(spec_path: str, study_dir: str, report=print) -> list[dict[str, A
     meta = dict(name=spec.name, spec=os.path.abspath(spec_path), slurm=spec.slurm)
     meta["allow_repeated_data"] = spec.allow_repeated_data
     write_atomic(os.path.join(study_dir, STUDY_JSON), json.dumps(meta, indent=2) + "\n")
-    report(format_manifest(active))
+    report(format_manifest(active, seconds))
     removed = len(merged) - len(active)
     report(
         f"planned {len(active)} cells in {os.path.join(study_dir, MANIFEST)}: {added} new, "
@@ -267,6 +282,13 @@ def plan_study(spec_path: str, study_dir: str, report=print) -> list[dict[str, A
     )
     for line in data_notes + [f"note: {w}" for w in warnings]:
         report(line)
+    if seconds is not None:
+        longest = max(seconds, key=seconds.get)
+        report(
+            f"estimated from {calibration}: {sum(seconds.values()) / 3600:.2f} h of cells, "
+            f"{wall / 3600:.2f} h wall at --parallel {parallel}; longest cell {longest} "
+            f"{seconds[longest] / 60:.1f} min"
+        )
     return merged
 
 
@@ -279,18 +301,22 @@ def read_study_json(study_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def format_manifest(rows: list[dict[str, Any]]) -> str:
-    """A table of planned cells."""
+def format_manifest(rows: list[dict[str, Any]], seconds: dict[str, float] | None = None) -> str:
+    """A table of planned cells (with estimated minutes when ``seconds`` is given)."""
     head = (
         f"{'run id':46} {'params':>9} {'non-emb':>9} {'tokens':>11} {'patch tok':>10} "
-        f"{'FLOPs':>9} {'ranks':>5}"
+        f"{'FLOPs':>9} {'ranks':>5}" + (f" {'est. min':>8}" if seconds else "")
     )
     lines = [head]
     for r in rows:
+        est = ""
+        if seconds:
+            approx = "~" if r["K"] not in (1, 4) else " "
+            est = f" {approx}{seconds[r['run_id']] / 60:7.1f}"
         lines.append(
             f"{r['run_id']:46} {r['params']:9,d} {r['params_non_embedding']:9,d} "
             f"{r['tokens']:11,d} {r['stage_tokens'].get('patch', 0):10,d} {r['flops']:9.3g} "
-            f"{r['world_size']:5d}"
+            f"{r['world_size']:5d}{est}"
         )
     total = sum(r["flops"] for r in rows)
     lines.append(f"{len(rows)} cells, {total:.3g} training FLOPs in all")

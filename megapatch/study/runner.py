@@ -10,12 +10,13 @@ Restartable at any time:
 * a cell whose ``run_summary.json`` says "finished" is never started again;
 * a started cell resumes from the latest checkpoint in its run directory (megapatch train does
   that by itself); cells with a checkpoint are resumed before fresh ones start;
-* every trainer runs in its own process group (session). SIGTERM, SIGINT (Ctrl-C) or SIGHUP to
-  ``study run`` is forwarded as SIGTERM to every trainer's group: each finishes its step,
-  writes a checkpoint and exits 75; ``study run`` waits for them (``--grace`` seconds, then
-  SIGKILL; a second signal kills at once) and exits 75. If ``study run`` itself is killed
-  (SIGKILL), the kernel sends each trainer SIGTERM (Linux ``PR_SET_PDEATHSIG``), so no trainer
-  outlives it for long; a restart waits for such a trainer to release its run directory;
+* every trainer runs in its own process group (session). SIGTERM, SIGINT (Ctrl-C) or SIGHUP
+  (unless ignored, as under ``nohup``) to ``study run`` is forwarded as SIGTERM to every
+  trainer's group: each finishes its step, writes a checkpoint and exits 75; ``study run``
+  waits for them (``--grace`` seconds, then SIGKILL; a second signal kills at once) and exits
+  75. If ``study run`` itself is killed (SIGKILL), the kernel sends each trainer SIGTERM
+  (Linux ``PR_SET_PDEATHSIG``), so no trainer outlives it for long; a restart waits for such
+  a trainer to release its run directory;
 * a trainer that exits 75 while the study is not stopping (``--exit-duration-in-mins`` in the
   cell's recipe, say) is started again at once; one that fails (exit 1, 2 or a signal) is
   reported with the end of its log and tried again at the next ``study run``.
@@ -139,6 +140,17 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return setup
 
 
+# Rendezvous settings of the environment study run was started in: each trainer is its own
+# world (several of them share this machine), so none may inherit them.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+RENDEZVOUS_VARS += ("LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def launch_env(environ: dict[str, str], drop: tuple[str, ...] = RENDEZVOUS_VARS) -> dict[str, str]:
+    """``environ`` without the variables that would tie a trainer to another process world."""
+    return {k: v for k, v in environ.items() if k not in drop}
+
+
 def train_command(python: str, recipe: str, rdir: str, world: int) -> list[str]:
     """The ``megapatch train`` command of a cell (torch.distributed.run for several ranks)."""
     args = ["-m", "megapatch.cli", "train", "--config", recipe, "--run-dir", rdir]
@@ -245,6 +257,8 @@ class LocalRunner:
     def _install_handlers(self) -> dict[int, Any]:
         old = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # e.g. SIGHUP under nohup: the user asked to survive it
             old[sig] = signal.signal(sig, self._on_signal)
         return old
 
@@ -284,10 +298,12 @@ class LocalRunner:
             while not self.stop_signal and queue and len(running) < self.parallel:
                 rid = queue.pop(0)
                 started = self._start(by_id[rid])
-                if started is None:
-                    out.failed.append(rid)
-                else:
+                if started is not None:
                     running.append(started)
+                elif self.stop_signal:
+                    queue.insert(0, rid)  # stopped while waiting for an earlier trainer
+                else:
+                    out.failed.append(rid)
             if self.stop_signal and not forwarded:
                 name = signal.Signals(self.stop_signal).name
                 self.report(
@@ -307,7 +323,7 @@ class LocalRunner:
                     continue
                 running.remove(r)
                 _signal_group(r.proc, signal.SIGKILL)  # helpers left behind by the trainer
-                state = self._finish(r, rc)
+                state = self._finish(r, rc, f"{done + len(out.finished) + 1}/{len(by_id)}")
                 if state == "finished":
                     out.finished.append(r.run_id)
                 elif state == "stopped" and not self.stop_signal:
@@ -352,7 +368,8 @@ class LocalRunner:
         world = row["world_size"]
         cmd = train_command(self.python, cell_recipe(self.study_dir, rid), rdir, world)
         threads = str(max(1, self.threads // world))
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env = launch_env(os.environ)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         env["PYTHONUNBUFFERED"] = "1"
         attempt = len(read_attempts(rdir)) + 1
         log = open(os.path.join(rdir, LOG_FILE), "ab")  # noqa: SIM115
@@ -372,7 +389,7 @@ class LocalRunner:
         self.report(f"[study] {what} {rid} (pid {proc.pid}, {threads} thread(s) per rank)")
         return Running(rid, proc, time.time(), step, attempt, log)
 
-    def _finish(self, r: Running, rc: int) -> str:
+    def _finish(self, r: Running, rc: int, progress: str) -> str:
         r.log.close()
         rdir = self._rdir(r.run_id)
         summary = read_summary(rdir) or {}
@@ -401,6 +418,7 @@ class LocalRunner:
             self.report(
                 f"[study] finished {r.run_id} in {elapsed:.0f} s"
                 + (f" (val loss {loss:.4f})" if isinstance(loss, (int, float)) else "")
+                + f" [{progress} cells finished]"
             )
         elif state == "stopped":
             self.report(

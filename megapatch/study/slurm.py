@@ -11,8 +11,8 @@ Submissions are recorded in ``DIR/slurm/submissions.jsonl``; element logs go to
 
 The spec's ``slurm`` section sets partition, account, time, cpus_per_task, gpus (false on CPU
 clusters: no ``--gpus-per-node``), signal (``--signal``, default ``B:USR1@300``: the launcher
-forwards it to the trainers, which save and exit 75, and requeues the element), container (the launcher's CONTAINER; "" = bare metal) and
-extra ``sbatch_args``.
+forwards it to the trainers, which save and exit 75, and requeues the element), container
+(the launcher's CONTAINER; "" = bare metal) and extra ``sbatch_args``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from megapatch.study.manifest import (
     run_dir,
     write_atomic,
 )
-from megapatch.study.runner import is_finished
+from megapatch.study.runner import RENDEZVOUS_VARS, is_finished, launch_env
 from megapatch.study.spec import StudyError
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "slurm" / "pretrain_7b_patch.sh"
@@ -139,8 +139,10 @@ def submit_study(
     for r in todo:
         groups.setdefault(shape_of(r), []).append(r["run_id"])
     slurm = meta.get("slurm") or {}
+    # Elements of an array share nodes: each needs its own rendezvous (the launcher picks a
+    # port per job), so none is inherited from the submitting shell.
     env = dict(
-        os.environ,
+        launch_env(os.environ, drop=RENDEZVOUS_VARS[:5]),
         STUDY_DIR=study_dir,
         PYTHON=python or sys.executable,
         MEGAPATCH_LAUNCHER=str(LAUNCHER),

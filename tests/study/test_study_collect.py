@@ -87,3 +87,53 @@ def test_bad_import_tables_are_refused_naming_file_line_and_column(
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "study" / "imports").exists()
     assert not (tmp_path / "study" / "results.jsonl").exists()
+
+
+def test_time_estimate_follows_the_calibration_runs(tmp_path, study_data, capsys):
+    """The estimate is what the calibration's own numbers give (see megapatch.study.estimate)."""
+    from megapatch.study.estimate import estimate
+
+    calib = tmp_path / "calib"
+    rows = []
+    for rid, method, k, rate_patch, rate_token, wall, total in (
+        ("c-token", "token", 1, None, 1000.0, 50.0, 80.0),
+        ("c-patch", "patch", 4, 4000.0, 900.0, 20.0, 60.0),
+    ):
+        run = calib / "runs" / rid
+        run.mkdir(parents=True)
+        (run / "study_attempts.jsonl").write_text(json.dumps({"seconds": total}) + "\n")
+        rows.append(
+            dict(
+                run_id=rid,
+                status="finished",
+                source="megapatch",
+                method=method,
+                K=k,
+                num_layers=2,
+                hidden_size=64,
+                tokens_per_s_patch=rate_patch,
+                tokens_per_s_token=rate_token,
+                wall_seconds=wall,
+            )
+        )
+    (calib / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = json.loads(json.dumps(GRID))
+    spec["grids"][0]["methods"] = ["token", {"patch": {"K": [4, 8], "lam": 0.5}}]
+    spec["overrides"] = {"training": {"micro_batch_size": 2}}  # K=8: 2 samples per step
+    study = tmp_path / "study"
+    assert (
+        main(["study", "plan", str(write_study(tmp_path, study_data, spec)), "--out", str(study)])
+        == 0
+    )
+    manifest = [json.loads(x) for x in (study / "manifest.jsonl").read_text().splitlines()]
+    seconds, wall = estimate(manifest, str(calib), parallel=2)
+    eval_s = 8 * 64 / (3 * 1000.0)  # eval_samples x T at a third of the token step cost
+    other = (30.0 + 40.0) / 2 - eval_s  # time outside steps, less the one validation
+    token, k4, k8 = manifest
+    assert seconds[token["run_id"]] == pytest.approx(16384 / 1000 + eval_s + other)
+    assert seconds[k4["run_id"]] == pytest.approx(8192 / 4000 + 8192 / 1000 + eval_s + other)
+    assert seconds[k8["run_id"]] == pytest.approx(8192 / 8000 + 8192 / 1000 + eval_s + other)
+    # two slots: token and k4 start at once, k8 follows the shorter k4
+    assert wall == pytest.approx(
+        max(seconds[token["run_id"]], seconds[k4["run_id"]] + seconds[k8["run_id"]])
+    )
