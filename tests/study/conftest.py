@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.slurm.conftest import local_slurm  # noqa: F401  (the one-node Slurm fixture)
+
 
 @pytest.fixture(scope="session")
 def study_data(tmp_path_factory) -> str:
@@ -66,15 +68,3 @@ def write_study(root: Path, data_path: str, spec: dict) -> Path:
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(dict({"base": "base.yaml"}, **spec), sort_keys=False))
     return path
-
-
-try:  # the project's one-node Slurm fixture (tests/slurm/conftest.py)
-    from tests.slurm.conftest import local_slurm  # noqa: F401
-except ImportError:
-
-    @pytest.fixture(scope="session")
-    def local_slurm():
-        pytest.skip(
-            "the local Slurm is not available: tests/slurm/conftest.py::local_slurm "
-            "(tools/local_slurm.sh) is missing from this checkout"
-        )
