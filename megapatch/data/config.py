@@ -31,7 +31,8 @@ class CorpusConfig:
         [EMBEDDED],
         "Corpus: files, directories, globs (.jsonl/.json/.txt/.md, optionally .gz), or "
         f"'{EMBEDDED}' (Python's own docs, no download), '{EMBEDDED}:topics', "
-        f"'{EMBEDDED}:docstrings'.",
+        f"'{EMBEDDED}:docstrings', '{EMBEDDED}:source' (the standard library's source files) or "
+        f"'{EMBEDDED}:all' (topics and sources: ~2.4M tokens, for scaling studies).",
     )
     input_format: str = arg(
         "auto",

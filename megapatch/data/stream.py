@@ -1,8 +1,9 @@
 """The planned token stream of a split, built with megatron-core's dataset machinery.
 
 Stream of one prefix and split (train/valid/test as megatron splits documents, in index order):
-epoch e is a permutation of the split's documents drawn from ``seed``, the split and ``e``
-only (so the stream does not depend on how much of it is requested); epochs follow each other
+epoch e is a permutation of the split's documents drawn from ``seed`` (the train split; a fixed
+seed for the held-out splits, so every run of a study is scored on the same tokens), the split
+and ``e`` only (so the stream does not depend on how much of it is requested); epochs follow each other
 without a break. Documents end in EOD (written by ``megapatch preprocess``), so the stream is
 a packed concatenation of whole documents. Megatron's C++ ``build_sample_idx`` cuts it into
 chunks of ``--stream-chunk-length`` tokens with no extra token and no sample shuffle;
@@ -47,6 +48,9 @@ with warnings.catch_warnings():  # importing megatron.core warns that TE/apex ar
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.megatron_dataset import MegatronDataset
     from megatron.core.datasets.utils import Split, get_blend_from_list
+
+
+HELD_OUT_SEED = 1234  # document order of the valid/test splits (independent of --seed)
 
 
 @dataclass
@@ -124,10 +128,11 @@ class DocumentStreamDataset(MegatronDataset):
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _build(self) -> tuple[np.ndarray, np.ndarray]:
+        # The held-out splits keep one document order whatever --seed is: runs that differ
+        # only in their seed (initialisation, training order) are scored on the same tokens.
+        seed = self.config.random_seed if self.index_split == Split.train else HELD_OUT_SEED
         epochs = [
-            np.random.default_rng([self.config.random_seed, self.index_split.value, e]).permutation(
-                self.indices
-            )
+            np.random.default_rng([seed, self.index_split.value, e]).permutation(self.indices)
             for e in range(self.num_epochs)
         ]
         document_index = np.concatenate(epochs or [np.zeros(0)]).astype(np.int32)
