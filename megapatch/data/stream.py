@@ -3,10 +3,11 @@
 Stream of one prefix and split (train/valid/test as megatron splits documents, in index order):
 epoch e is a permutation of the split's documents drawn from ``seed`` (the train split; a fixed
 seed for the held-out splits, so every run of a study is scored on the same tokens), the split
-and ``e`` only (so the stream does not depend on how much of it is requested); epochs follow each other
-without a break. Documents end in EOD (written by ``megapatch preprocess``), so the stream is
-a packed concatenation of whole documents. Megatron's C++ ``build_sample_idx`` cuts it into
-chunks of ``--stream-chunk-length`` tokens with no extra token and no sample shuffle;
+and ``e`` only (so the stream does not depend on how much of it is requested); epochs follow
+each other without a break. Documents end in EOD (written by ``megapatch preprocess``), so the
+stream is a packed concatenation of whole documents. Megatron's C++ ``build_sample_idx`` cuts
+it into chunks of ``--stream-chunk-length`` tokens with no extra token (samples are shuffled
+per stage later, :mod:`.datasets`);
 :class:`DocumentStreamDataset` is the mid-level ``MegatronDataset`` serving those chunks.
 
 Several prefixes: ``BlendedMegatronDatasetBuilder`` builds one such stream per prefix and a
