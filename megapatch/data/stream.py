@@ -64,6 +64,7 @@ class StreamConfig(BlendedMegatronDatasetConfig):
     """
 
     index_cache_path: str | None = None
+    held_out_seed: int = HELD_OUT_SEED  # document order of the valid/test splits
 
 
 class DocumentStreamDataset(MegatronDataset):
@@ -94,6 +95,12 @@ class DocumentStreamDataset(MegatronDataset):
             )
         self.num_epochs = math.ceil(chunks * self.chunk / self.tokens_per_epoch) if chunks else 0
         self.document_index, self.sample_index = self._load_or_build()
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        """Megatron's cache key, plus the held-out splits' seed (caches of either order never
+        mix)."""
+        return [*MegatronDataset._key_config_attributes(), "held_out_seed"]
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: IndexedDataset) -> int:
@@ -131,7 +138,11 @@ class DocumentStreamDataset(MegatronDataset):
     def _build(self) -> tuple[np.ndarray, np.ndarray]:
         # The held-out splits keep one document order whatever --seed is: runs that differ
         # only in their seed (initialisation, training order) are scored on the same tokens.
-        seed = self.config.random_seed if self.index_split == Split.train else HELD_OUT_SEED
+        seed = (
+            self.config.random_seed
+            if self.index_split == Split.train
+            else self.config.held_out_seed
+        )
         epochs = [
             np.random.default_rng([seed, self.index_split.value, e]).permutation(self.indices)
             for e in range(self.num_epochs)
