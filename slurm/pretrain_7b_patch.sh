@@ -1,14 +1,15 @@
 #!/bin/bash
 # Patch-level pretraining of a Llama-2-7B-shaped GPT with `megapatch train`, on Slurm.
 #
-#   sbatch slurm/pretrain_7b_patch.sh                                  # 2 nodes x 8 H100, NGC container
+#   sbatch slurm/pretrain_7b_patch.sh                          # 2 nodes x 8 H100, NGC container
 #   DATA_PATH=/data/pile_llama2 sbatch --nodes=4 slurm/pretrain_7b_patch.sh
 #   CONTAINER= PYTHON=$HOME/venv/bin/python sbatch slurm/pretrain_7b_patch.sh   # bare metal
-#   DRY_RUN=1 NODES=2 bash slurm/pretrain_7b_patch.sh                  # print the plan, submit nothing
+#   DRY_RUN=1 NODES=2 bash slurm/pretrain_7b_patch.sh          # print the plan, submit nothing
 #
-# Submit from the megapatch checkout (or set MEGAPATCH_REPO). The log is SUBMIT_DIR/<name>-<jobid>.out
-# (appended across requeues; `sbatch --output=DIR/%x-%j.out` puts it elsewhere, DIR must exist);
-# RUN_DIR/jobs.log gets a line when each job session starts and one when it ends.
+# Submit from the megapatch checkout (or set MEGAPATCH_REPO). The log is <name>-<jobid>.out in the
+# submit directory, appended across requeues (`sbatch --output=DIR/%x-%j.out` puts it in DIR,
+# which must exist); RUN_DIR/jobs.log gets a line when each job session starts and one when it
+# ends.
 #
 # Everything follows the allocation: nodes, tasks per node (one per GPU when the job has GPUs),
 # CPUs per task. The #SBATCH lines below are the 7B defaults; override any on the sbatch line.
@@ -71,10 +72,11 @@ REPO=$(find_repo) || {
     exit 2
 }
 RECIPE=$(abspath "${RECIPE:-$REPO/examples/llama2_7b.yaml}")  # YAML recipe
-RUN_DIR=$(abspath "${RUN_DIR:-$REPO/runs/$(basename "${RECIPE%.*}")}")  # checkpoints, metrics, jobs.log
+RUN_DIR=$(abspath "${RUN_DIR:-$REPO/runs/$(basename "${RECIPE%.*}")}")  # checkpoints, jobs.log
 DATA_PATH=${DATA_PATH:-}            # overrides the recipe's data path (a prefix, or a blend)
 TRAIN_ARGS=${TRAIN_ARGS:-}          # extra `megapatch train` flags (split on whitespace)
 PYTHON=${PYTHON:-python3}           # interpreter with megapatch (or where it gets installed)
+case $PYTHON in /*) ;; */*) PYTHON=$(abspath "$PYTHON") ;; esac  # .venv/bin/python: submit dir
 CONTAINER=${CONTAINER-nvcr.io/nvidia/pytorch:25.04-py3}  # pyxis image; empty = bare metal
 CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}  # extra pyxis mounts, comma-separated
 MAX_RESTARTS=${MAX_RESTARTS:-100}   # no requeue beyond this many restarts
@@ -88,7 +90,8 @@ DATA_ARGS=()
 if [ -n "$DATA_PATH" ]; then  # relative prefixes are relative to the submit dir; weights stay
     DATA_ARGS=(--data-path)
     for w in $DATA_PATH; do
-        if [[ $w =~ ^[0-9.eE+-]+$ ]]; then DATA_ARGS+=("$w"); else DATA_ARGS+=("$(abspath "$w")"); fi
+        if [[ $w =~ ^[0-9.eE+-]+$ ]]; then w=$w; else w=$(abspath "$w"); fi
+        DATA_ARGS+=("$w")
     done
 fi
 CONFIG_ARGS=(--config "$RECIPE")
@@ -127,6 +130,10 @@ fi
 say() { printf '[launcher %(%Y-%m-%dT%H:%M:%S)T] %s\n' -1 "$*"; }
 
 if [ "$DRY_RUN" = 1 ]; then
+    if ! command -v "$PYTHON" >/dev/null; then
+        echo "error: PYTHON=$PYTHON: no such interpreter" >&2
+        exit 2
+    fi
     if "$PYTHON" -m megapatch.cli plan --help >/dev/null 2>&1; then
         "$PYTHON" -m megapatch.cli plan "${TRAIN_FLAGS[@]}" \
             --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" || exit $?
@@ -239,13 +246,15 @@ if [ -n "$CONTAINER" ]; then
     # written into the shared repository, so nodes cannot race); only missing dependencies are
     # installed into each node's container.
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    DEPS='import tomllib
+print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"])'
     # shellcheck disable=SC2016  # expanded by the step's shell
-    INSTALL='cd "$1" && "$2" -c "import megapatch.training.loop" 2>/dev/null && exit 0
-deps=$("$2" -c "import tomllib; print(*tomllib.load(open(\"pyproject.toml\", \"rb\"))[\"project\"][\"dependencies\"], sep=\"\n\")") || exit 1
-echo "[install] $(hostname -s): pip install megapatch dependencies"
-mapfile -t reqs <<<"$deps"; "$2" -m pip install -q "${reqs[@]}"'
+    INSTALL='cd "$1" || exit 1
+"$2" -c "import megapatch.training.loop" 2>/dev/null && exit 0
+echo "[install] $(hostname -s): pip install the dependencies of megapatch"
+deps=$("$2" -c "$3") && "$2" -m pip install -q $deps'
     srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
-        bash -c "$INSTALL" install "$REPO" "$PYTHON"
+        bash -c "$INSTALL" install "$REPO" "$PYTHON" "$DEPS"
     rc=$?
     [ "$rc" = 0 ] || finish 1 "failed: installing megapatch's dependencies in $CONTAINER (exit $rc)"
 elif ! "$PYTHON" -c 'import megapatch' 2>/dev/null; then

@@ -94,7 +94,8 @@ SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=$HOST CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$mem_mib State=UNKNOWN
+NodeName=$HOST CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 \
+    RealMemory=$mem_mib State=UNKNOWN
 PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -145,7 +146,8 @@ stop_pid() {  # stop_pid NAME FILE: SIGTERM, wait up to 10 s, then SIGKILL
 }
 
 cmd_up() {
-    [ "$(id -u)" = 0 ] || unavailable "root is needed to install and start munge and Slurm (uid $(id -u))"
+    [ "$(id -u)" = 0 ] \
+        || unavailable "root is needed to install and start munge and Slurm (uid $(id -u))"
     mkdir -p "$DIR"
     if pid_alive "$MUNGE_RUN/munged.pid" && pid_alive "$RUN/slurmctld.pid" \
         && pid_alive "$DIR/slurmd.pid" && usable; then

@@ -203,10 +203,12 @@ def test_uninterrupted_job_finishes(scenarios):
     config = yaml.safe_load((job.run_dir / "config.yaml").read_text())
     assert config["parallel"]["tensor_model_parallel_size"] == 2
     assert config["parallel"]["sequence_parallel"] is True
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    assert (job.run_dir / "git_commit.txt").read_text().startswith(commit)
+    # the commit the launcher logged, one of this checkout's (HEAD may have moved on since)
+    launcher_commit = re.search(r"commit (\w+),", lines[0]).group(1)
+    recorded = (job.run_dir / "git_commit.txt").read_text().split("-")[0].strip()
+    assert recorded.startswith(launcher_commit), (recorded, lines[0])
+    git = ["git", "-C", str(REPO), "merge-base", "--is-ancestor", recorded, "HEAD"]
+    assert subprocess.run(git, capture_output=True).returncode == 0, recorded
     evals = _records(job.run_dir / "metrics.jsonl", "eval")
     assert any("val_patch_loss" in r for r in evals), "no evaluation in the patch stage"
 
