@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import subprocess
@@ -36,11 +38,30 @@ class LocalSlurm:
         return proc
 
 
+@contextlib.contextmanager
+def _leases(state: str):
+    """The test sessions using the local Slurm (one file per pytest process), under a lock."""
+    root = Path(state) / "test-sessions"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def local_slurm():
     """Bring the local Slurm up (installing it if needed), or skip saying why it cannot be.
 
-    Takes it down at the end of the session when this fixture brought it up.
+    Several pytest sessions may use it at once: each holds a lease, and the last one to finish
+    takes it down, if a test session brought it up (one started by hand stays up).
     """
     if os.geteuid() != 0:
         pytest.skip(
@@ -50,15 +71,26 @@ def local_slurm():
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         pytest.skip("Slurm (slurm-wlm) is not installed and apt-get is absent to install it")
     state = os.environ.get("LOCAL_SLURM_DIR", "/tmp/megapatch-slurm")
-    was_up = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
-    proc = subprocess.run([str(LOCAL_SLURM), "up"], capture_output=True, text=True, timeout=600)
-    output = (proc.stdout + proc.stderr).strip()
-    if proc.returncode == UNAVAILABLE:
-        pytest.skip(f"no local Slurm: {output}")
-    assert proc.returncode == 0, f"tools/local_slurm.sh up failed:\n{output}"
+    with _leases(state) as leases:
+        was_up = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
+        proc = subprocess.run([str(LOCAL_SLURM), "up"], capture_output=True, text=True, timeout=600)
+        output = (proc.stdout + proc.stderr).strip()
+        if proc.returncode == UNAVAILABLE:
+            pytest.skip(f"no local Slurm: {output}")
+        assert proc.returncode == 0, f"tools/local_slurm.sh up failed:\n{output}"
+        others = [p for p in leases.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        if not was_up:
+            (leases / "started-by-tests").touch()
+        elif not others:  # up, and no test session uses it: started by hand
+            (leases / "started-by-tests").unlink(missing_ok=True)
+        (leases / str(os.getpid())).touch()
     yield LocalSlurm(conf=os.path.join(state, "slurm.conf"))
-    if not was_up:
-        subprocess.run([str(LOCAL_SLURM), "down"], capture_output=True, timeout=300)
+    with _leases(state) as leases:
+        (leases / str(os.getpid())).unlink(missing_ok=True)
+        others = [p for p in leases.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        if not others and (leases / "started-by-tests").exists():
+            subprocess.run([str(LOCAL_SLURM), "down"], capture_output=True, timeout=300)
+            (leases / "started-by-tests").unlink()
 
 
 @pytest.fixture(scope="session")
