@@ -12,6 +12,7 @@ limit, --exit-interval: run the same command again to continue); 1 failed; 2 bad
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -20,6 +21,9 @@ from megapatch.config import ConfigError, add_run_arguments, config_from_args
 
 def run(args: argparse.Namespace) -> int:
     """Parse the config, validate it, train."""
+    from megapatch.runtime.signals import catch_stop_signals_early
+
+    catch_stop_signals_early()  # before the heavy imports below
     from megapatch.training import exit_codes
     from megapatch.training.checkpoint import CheckpointError
     from megapatch.training.loop import NonFiniteError, train
@@ -40,7 +44,14 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)
     if args.dry_run:
         return exit_codes.FINISHED
-    if summary["exit_code"] == exit_codes.FINISHED:
+    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    if summary["exit_code"] == exit_codes.STOPPED:
+        # The checkpoint and the summary are complete on every rank: leave at once, without
+        # the interpreter's teardown (it can take longer than a scheduler's KillWait).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.STOPPED)
+    if summary["exit_code"] == exit_codes.FINISHED and rank0:
         print(
             f"done: {summary['step']} steps, {summary['tokens']:,} tokens, "
             f"final token-level val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f})"

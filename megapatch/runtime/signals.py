@@ -26,8 +26,6 @@ import os
 import signal
 import time
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Also blocked in helper processes: Ctrl-C in a terminal reaches the whole foreground group;
 # the trainer stops on KeyboardInterrupt and its helpers must not die under a save.
@@ -35,6 +33,17 @@ _HELPER_BLOCKED = {*STOP_SIGNALS, signal.SIGINT}
 
 SIGNAL_AT_ENV = "MEGAPATCH_SIGNAL_AT"  # tests: "<point>:<step>[:<SIGNAME>]"
 KILL_AT_ENV = "MEGAPATCH_FAULT_AT_STEP"  # tests: SIGKILL this process after that global step
+
+
+_EARLY: list[str] = []  # stop signals caught before the run's ExitMonitor existed
+
+
+def catch_stop_signals_early() -> None:
+    """Install a recording handler for SIGTERM/SIGUSR1 at once (before the heavy imports and
+    the process group): a signal during start-up is kept for the run's :class:`ExitMonitor`
+    instead of killing the process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _f: _EARLY.append(signal.Signals(signum).name))
 
 
 def block_stop_signals() -> None:
@@ -89,7 +98,8 @@ def protect_checkpoint_writer() -> None:
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=protected_helper_init)
+    with stop_signals_deferred():  # a signal must not hit the helper while it starts
+        manager.start(initializer=protected_helper_init)
     filesystem_async._results_queue = manager.Queue()
     _KEEP_ALIVE.append(manager)
 
@@ -105,12 +115,13 @@ class ExitMonitor:
     """
 
     def __init__(self, handle_signals: bool, limit_min: float | None) -> None:
-        self.flag = False
-        self.reason = ""
+        self.flag = bool(_EARLY) and handle_signals
+        self.reason = _EARLY[0] if self.flag else ""
         self.deadline = time.monotonic() + 60 * limit_min if limit_min else None
-        if handle_signals:
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, self._on_signal)
+        for sig in STOP_SIGNALS:  # --no-exit-signal-handler: the default action (death)
+            signal.signal(sig, self._on_signal if handle_signals else signal.SIG_DFL)
+        if _EARLY and not handle_signals:
+            os.kill(os.getpid(), signal.Signals[_EARLY[0]])
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.flag = True
@@ -118,6 +129,8 @@ class ExitMonitor:
 
     def should_exit(self) -> bool:
         """True on every rank as soon as one rank got a signal or the time is up (collective)."""
+        import torch
+
         timed_out = self.deadline is not None and time.monotonic() > self.deadline
         if timed_out and not self.reason:
             self.reason = "--exit-duration-in-mins"

@@ -192,8 +192,8 @@ def save_checkpoint(
     """
     from megapatch.runtime.signals import protect_checkpoint_writer, stop_signals_deferred
 
-    protect_checkpoint_writer()
     with stop_signals_deferred():
+        protect_checkpoint_writer()
         return _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, hook)
 
 

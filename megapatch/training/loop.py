@@ -19,7 +19,12 @@ from megatron.core import parallel_state
 from megapatch.config import ConfigError, RunConfig
 from megapatch.model import build_model, set_patch_size, transformer_config
 from megapatch.runtime import distributed as D
-from megapatch.runtime.signals import ExitMonitor, fault_point, stop_signals_deferred
+from megapatch.runtime.signals import (
+    ExitMonitor,
+    fault_point,
+    protect_checkpoint_writer,
+    stop_signals_deferred,
+)
 from megapatch.training import checkpoint as C
 from megapatch.training import exit_codes
 from megapatch.training.evaluate import evaluate
@@ -89,6 +94,8 @@ class Trainer:
         self.monitor = ExitMonitor(tr.exit_signal_handler, tr.exit_duration_in_mins)
         self.rank, self.world = D.init_process_group()
         self.is_main = self.rank == 0
+        if not cfg.checkpoint.no_save:  # its helper process starts now, not under a save
+            protect_checkpoint_writer()
         self.lock = RunDirLock.acquire_collective(cfg.run_dir)
         self.save_root = cfg.checkpoint.save or os.path.join(cfg.run_dir, "checkpoints")
         self.latest, self.latest_meta = self._find_resume_point()
@@ -515,7 +522,8 @@ def _by_name(plan: list[StagePlan], value) -> dict:  # noqa: ANN001
 def train(cfg: RunConfig, dry_run: bool = False) -> dict:
     """Validate, print the plan, train. ``dry_run``: print the plan and return."""
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    plan = validate_config(cfg, world)
+    # A dry run plans (possibly for another machine); a run checks this machine too.
+    plan = validate_config(cfg, world, runtime=not dry_run)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         print(format_plan(plan, world))
