@@ -16,3 +16,29 @@ def single_rank():
     D.init_process_group()
     D.initialize_model_parallel(D.ParallelLayout())
     yield
+
+
+@pytest.fixture(scope="session")
+def data_prefix(tmp_path_factory) -> str:
+    """A small real dataset (the pydoc topics, a 512-piece tokenizer) shared by the training,
+    study and Slurm tests."""
+    from megapatch.data.config import PreprocessConfig, TrainTokenizerConfig
+    from megapatch.data.preprocess import preprocess
+    from megapatch.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("train_data")
+    model = train_tokenizer(
+        TrainTokenizerConfig(
+            input=["embedded:topics"],
+            output_prefix=str(root / "spm"),
+            vocab_size=512,
+            max_train_chars=150_000,
+        ),
+        report=lambda msg: None,
+    ).model_path
+    prefix = str(root / "topics")
+    preprocess(
+        PreprocessConfig(input=["embedded:topics"], output_prefix=prefix, tokenizer_model=model),
+        report=lambda msg: None,
+    )
+    return prefix

@@ -94,25 +94,6 @@ def local_slurm():
 
 
 @pytest.fixture(scope="session")
-def slurm_data_prefix(tmp_path_factory) -> str:
-    """A small real dataset (embedded corpus, 512-piece tokenizer), as the training tests use."""
-    from megapatch.data.config import PreprocessConfig, TrainTokenizerConfig
-    from megapatch.data.preprocess import preprocess
-    from megapatch.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("slurm_data")
-    model = train_tokenizer(
-        TrainTokenizerConfig(
-            input=["embedded:topics"],
-            output_prefix=str(root / "spm"),
-            vocab_size=512,
-            max_train_chars=150_000,
-        ),
-        report=lambda msg: None,
-    ).model_path
-    prefix = str(root / "topics")
-    preprocess(
-        PreprocessConfig(input=["embedded:topics"], output_prefix=prefix, tokenizer_model=model),
-        report=lambda msg: None,
-    )
-    return prefix
+def slurm_data_prefix(data_prefix) -> str:
+    """The small real dataset the training tests use (tests/conftest.py)."""
+    return data_prefix

@@ -1,34 +1,10 @@
-"""A small real dataset (embedded corpus, 512-piece tokenizer) shared by the training tests."""
+"""The tiny two-stage run of the training tests (its data: ``data_prefix`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from megapatch.config import RunConfig, config_from_dict
-
-
-@pytest.fixture(scope="session")
-def data_prefix(tmp_path_factory) -> str:
-    from megapatch.data.config import PreprocessConfig, TrainTokenizerConfig
-    from megapatch.data.preprocess import preprocess
-    from megapatch.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("train_data")
-    model = train_tokenizer(
-        TrainTokenizerConfig(
-            input=["embedded:topics"],
-            output_prefix=str(root / "spm"),
-            vocab_size=512,
-            max_train_chars=150_000,
-        ),
-        report=lambda msg: None,
-    ).model_path
-    prefix = str(root / "topics")
-    preprocess(
-        PreprocessConfig(input=["embedded:topics"], output_prefix=prefix, tokenizer_model=model),
-        report=lambda msg: None,
-    )
-    return prefix
 
 
 def tiny_run(data_prefix: str, run_dir: str, **sections) -> RunConfig:
