@@ -31,8 +31,10 @@ relative residual ``(E + A N^-alpha + B D^-beta) / L_obs - 1``. Its agreement wi
 ``--shared-e``: one E for all fitted methods (a joint fit, started from the per-method fits).
 
 Intervals: bootstrap over runs (resampled with replacement within each method), each resample
-fitted by L-BFGS-B from the full-data optimum; 95% percentile intervals. The resampling uses one
-seeded generator, so fit.json is byte-identical for a fixed seed.
+fitted by L-BFGS-B from the full-data optimum and from its own coarse variable-projection
+solution (so a resample can leave a flat direction such as E -> 0), the better kept; 95%
+percentile intervals. The resampling uses one seeded generator, so fit.json is byte-identical
+for a fixed seed.
 
 Compute multiplier
 ------------------
@@ -90,6 +92,7 @@ GRID_AB = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 
 # The cross-check's coarse (alpha, beta) grid.
 XCHECK_GRID = np.round(np.arange(0.05, 2.0001, 0.05), 10)
+XBOOT_GRID = np.round(np.arange(0.1, 2.0001, 0.1), 10)  # coarser: a start for each resample
 
 
 class StudyInputError(ValueError):
@@ -621,19 +624,40 @@ def _clip(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def refit_warm(
+def refit_bootstrap(
     n: np.ndarray, d: np.ndarray, loss: np.ndarray, weights: np.ndarray, start: LawFit
 ) -> tuple[np.ndarray, bool]:
-    """A bootstrap resample's fit: L-BFGS-B from the full-data optimum (same centring)."""
+    """A bootstrap resample's fit: L-BFGS-B from the full-data optimum and from the resample's
+    own coarse variable-projection solution; the better optimum is kept.
+
+    Restarting only from the full-data optimum pins parameters on flat directions (with E -> 0
+    the gradient in e = log E vanishes) and collapses their intervals; the VP start, a global
+    search over (alpha, beta), lets a resample reach another basin."""
     centre = start.centre
-    ln_nc, ln_dc, y = np.log(n) - centre.n0, np.log(d) - centre.d0, np.log(loss)
+    ln_n, ln_d = np.log(n), np.log(d)
+    ln_nc, ln_dc, y = ln_n - centre.n0, ln_d - centre.d0, np.log(loss)
     w = np.asarray(weights, dtype=float)
 
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         return _objective_grad(z, ln_nc, ln_dc, y, w)
 
-    z, _, ok = _lbfgs(fun, centre.to_internal(start.theta), _BOUNDS5)
-    return centre.to_external(z), ok
+    best = None
+    for theta in (start.theta, _vp_start(ln_n, ln_d, loss, w, XBOOT_GRID)):
+        z, val, ok = _lbfgs(fun, _clip(centre.to_internal(theta)), _BOUNDS5)
+        if best is None or val < best[1]:
+            best = (z, val, ok)
+    assert best is not None
+    return centre.to_external(best[0]), best[2]
+
+
+def _vp_start(
+    ln_n: np.ndarray, ln_d: np.ndarray, loss: np.ndarray, w: np.ndarray, grid: np.ndarray
+) -> np.ndarray:
+    """(e, a, alpha, b, beta) from the coarse VP grid (zero coefficients made tiny)."""
+    alpha, beta = _vp_grid(ln_n, ln_d, loss, w, grid)
+    _, coef = _vp_profile(alpha, beta, ln_n, ln_d, loss, w)
+    coef = np.maximum(coef, 1e-12 * float(np.min(loss)))
+    return to_log(np.array([coef[0], coef[1], alpha, coef[2], beta]))
 
 
 # --------------------------------------------------------------- shared E (joint fit)
@@ -694,9 +718,11 @@ def fit_joint(
 # ------------------------------------------------------------- cross-check (VP + NNLS)
 
 
-def _vp_grid(x_ln_n: np.ndarray, ln_d: np.ndarray, loss: np.ndarray, w: np.ndarray) -> tuple:
-    """Best (alpha, beta) on the coarse grid, NNLS solved exactly by active-set enumeration."""
-    alphas, betas = np.meshgrid(XCHECK_GRID, XCHECK_GRID, indexing="ij")
+def _vp_grid(
+    x_ln_n: np.ndarray, ln_d: np.ndarray, loss: np.ndarray, w: np.ndarray, grid: np.ndarray
+) -> tuple:
+    """Best (alpha, beta) on a grid, NNLS solved exactly by active-set enumeration."""
+    alphas, betas = np.meshgrid(grid, grid, indexing="ij")
     alphas, betas = alphas.ravel(), betas.ravel()
     sw = np.sqrt(w) / loss
     cols = np.stack(
@@ -747,7 +773,7 @@ def cross_check(
     ln_n, ln_d = np.log(n), np.log(d)
     loss = np.asarray(loss, dtype=float)
     w = np.ones_like(loss) if weights is None else np.asarray(weights, dtype=float)
-    a0, b0 = _vp_grid(ln_n, ln_d, loss, w)
+    a0, b0 = _vp_grid(ln_n, ln_d, loss, w, XCHECK_GRID)
 
     def prof(x: np.ndarray) -> float:
         alpha, beta = np.clip(x, 1e-6, EXPONENT_BOUNDS[1])
@@ -1011,8 +1037,23 @@ def _fit_study(
     if shared_e and bootstrap:
         flat = np.concatenate([[main[names[0]][0]]] + [main[nm][1:] for nm in names])
         for b in range(bootstrap):
+            # starts: the joint optimum, and the resample's per-method VP solutions (mean e)
+            vp = [
+                _vp_start(
+                    np.log(data[nm][0]),
+                    np.log(data[nm][1]),
+                    data[nm][2],
+                    counts[nm][b].astype(float),
+                    XBOOT_GRID,
+                )
+                for nm in names
+            ]
+            vp_flat = np.concatenate([[float(np.mean([v[0] for v in vp]))]] + [v[1:] for v in vp])
             th, _, ok = fit_joint(
-                [data[nm] for nm in names], [counts[nm][b] for nm in names], [flat], centres
+                [data[nm] for nm in names],
+                [counts[nm][b] for nm in names],
+                [flat, vp_flat],
+                centres,
             )
             for i, nm in enumerate(names):
                 boot[nm][b] = th[i]
@@ -1021,7 +1062,7 @@ def _fit_study(
         for nm in names:
             n, d, loss = data[nm]
             for b in range(bootstrap):
-                boot[nm][b], ok = refit_warm(n, d, loss, counts[nm][b], single[nm])
+                boot[nm][b], ok = refit_bootstrap(n, d, loss, counts[nm][b], single[nm])
                 failures[nm] += 0 if ok else 1
 
     fm = flops_model(study.runs)
@@ -1048,6 +1089,7 @@ def _fit_study(
             "N": [_jnum(v) for v in n_opt],
             "D": [_jnum(v) for v in d_opt],
             "loss": [_jnum(v) for v in l_opt],
+            "inside_data": [bool(v) for v in _inside(g, n_opt, d_opt)],
         }
         if bootstrap:
             _, _, lb = frontier(lin_boot[nm][:, None, :], grid[None, :], cost[nm], fm)
@@ -1131,6 +1173,14 @@ def _fit_study(
     }
 
 
+def _inside(group: Group, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Whether frontier points (N*, D*) lie within the N and D ranges of ``group``'s runs."""
+    ns = [r.N for r in group.runs]
+    ds = [r.D for r in group.runs]
+    with np.errstate(invalid="ignore"):
+        return (n >= min(ns)) & (n <= max(ns)) & (d >= min(ds)) & (d <= max(ds))
+
+
 def _multipliers(
     study: Study,
     fitted: list[Group],
@@ -1175,9 +1225,16 @@ def _multipliers(
         n_opt, d_opt, l_opt = frontier(p, grid, cost[g.name], fm)
         need = compute_to_reach(tok, l_opt, cost["token"], fm)
         mult = need / grid
+        with np.errstate(invalid="ignore"):
+            n_tok, d_tok, _ = frontier(
+                tok, np.where(np.isfinite(need), need, np.nan), cost["token"], fm
+            )
+        token_group = next(t for t in fitted if t.name == "token")
+        inside = _inside(g, n_opt, d_opt) & _inside(token_group, n_tok, d_tok)
         rec = {
             "multiplier": [_jnum(v) for v in mult],
             "tokens_per_param": [_jnum(v) for v in d_opt / n_opt],
+            "inside_data": [bool(v) for v in inside],
         }
         if bootstrap:
             _, _, lb = frontier(lin_boot[g.name][:, None, :], grid[None, :], cost[g.name], fm)
@@ -1287,12 +1344,14 @@ def fit_summary(fit: dict) -> str:
         picks = sorted({0, len(grid) // 2, len(grid) - 1})
         parts = []
         for i in picks:
-            txt = _fmt(fr["multiplier"][i], 3)
+            txt = _fmt(fr["multiplier"][i], 3) + ("" if fr["inside_data"][i] else "†")
             if "interval" in fr:
                 lo, hi = fr["interval"][i]
                 txt += f" [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
             parts.append(f"C={grid[i]:.2e}: {txt}")
         lines.append(f"frontier multiplier {nm}: " + "; ".join(parts))
+    if any(not all(fr["inside_data"]) for fr in fit["multiplier"]["frontier"].values()):
+        lines.append("† optimal N or D beyond the fitted runs: an extrapolation of the laws")
     return "\n".join(lines)
 
 

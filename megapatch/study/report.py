@@ -273,7 +273,11 @@ def plot_loss_vs_compute(fit: dict, study: Study, path: str) -> None:
     for nm, m in ((n, fit["methods"][n]) for n in method_names(fit)):
         p = _method_params(fit, nm)
         fr = m["frontier"]
-        ax.plot(grid, [_num(v) for v in fr["loss"]], color=col[nm], lw=2, label=f"{m['label']}")
+        loss = np.array([_num(v) for v in fr["loss"]])
+        ax.plot(grid, loss, color=col[nm], lw=1, ls="--")
+        ax.plot(
+            grid, np.where(fr["inside_data"], loss, np.nan), color=col[nm], lw=2, label=m["label"]
+        )
         if "loss_interval" in fr:
             lo = [_num(a) for a, _ in fr["loss_interval"]]
             hi = [_num(b) for _, b in fr["loss_interval"]]
@@ -298,7 +302,11 @@ def plot_loss_vs_compute(fit: dict, study: Study, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("final validation loss (token level)")
-    ax.set_title("Loss vs compute: runs, compute-optimal frontiers (95% bands), one line per N")
+    ax.set_title(
+        "Loss vs compute: runs; frontiers with 95% bands (dashed: optimal N, D beyond the "
+        "runs); thin: one line per N",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -353,13 +361,28 @@ def plot_multiplier(fit: dict, study: Study, path: str) -> None:
             finite.append(rec["multiplier"])
     for nm, fr in fit["multiplier"]["frontier"].items():
         mult = np.array([_num(v) for v in fr["multiplier"]])
-        inside = (grid >= c_lo) & (grid <= c_hi)
+        inside = np.array(fr["inside_data"]) & (grid >= c_lo) & (grid <= c_hi)
         finite += [v for v in mult[inside] if np.isfinite(v)]
-        ax1.plot(grid, mult, color=col[nm], lw=2, label=f"{fit['methods'][nm]['label']} frontier")
+        ins = np.array(fr["inside_data"])
+        ax1.plot(grid, mult, color=col[nm], lw=1, ls="--")
+        ax1.plot(
+            grid,
+            np.where(ins, mult, np.nan),
+            color=col[nm],
+            lw=2,
+            label=f"{fit['methods'][nm]['label']} frontier (dashed: N*, D* beyond the runs)",
+        )
         if "interval" in fr:
             lo = np.array([_num(a) for a, _ in fr["interval"]])
             hi = np.array([_num(b) for _, b in fr["interval"]])
-            ax1.fill_between(grid, lo, np.minimum(hi, 1e6), color=col[nm], alpha=0.15, lw=0)
+            ax1.fill_between(
+                grid,
+                np.where(ins, lo, np.nan),
+                np.where(ins, np.minimum(hi, 1e6), np.nan),
+                color=col[nm],
+                alpha=0.15,
+                lw=0,
+            )
         tpp = np.array([_num(v) for v in fr["tokens_per_param"]])
         ax2.plot(tpp[inside], mult[inside], color=col[nm], lw=2, label=f"{nm} frontier")
     top = max(finite) * 1.5
@@ -606,7 +629,9 @@ def _multiplier_section(fit: dict) -> list[str]:
         c_hi = max(m["data_range"]["C"][1] for m in fit["methods"].values())
         out.append(
             "Along the compute-optimal frontiers (> 1: patch-level training reaches the loss "
-            "with less compute; * = outside the range of the fitted runs' compute):"
+            "with less compute). * = C outside the fitted runs' compute; † = the optimal N or D "
+            "of the patch frontier, or of the token frontier at the compute it needs, lies "
+            "outside the fitted runs (an extrapolation of the laws):"
         )
         out.append("")
         names = list(fr_all)
@@ -619,6 +644,8 @@ def _multiplier_section(fit: dict) -> list[str]:
         for i in range(0, len(grid), 4):
             c = grid[i]
             star = "" if c_lo <= c <= c_hi else "*"
+            if not all(fr_all[n]["inside_data"][i] for n in names):
+                star += "†"
             cells = []
             for n in names:
                 fr = fr_all[n]
@@ -627,6 +654,13 @@ def _multiplier_section(fit: dict) -> list[str]:
                 cells.append(_g(fr["tokens_per_param"][i], 3))
             out.append(f"| {c:.3g}{star} | " + " | ".join(cells) + " |")
         out.append("")
+        if not any(any(fr["inside_data"]) for fr in fr_all.values()):
+            out.append(
+                "**At no compute do the frontiers stay within the fitted runs' N and D: the "
+                "frontier multiplier is an extrapolation throughout; the per-run multipliers "
+                "below are the measured comparison.**"
+            )
+            out.append("")
     if per_run:
         out.append("Per run (the token law at the run's N asked for the run's loss):")
         out.append("")
