@@ -145,18 +145,18 @@ def format_recommendation(rec: dict) -> str:
         + f"; N counts {rec['params_column']}"
     ]
     lines.append(
-        f"{'method':<28}{'N':>11}{'D':>11}{'D/N':>8}  {'loss [95% interval]':<26}"
+        f"{'method':<28}{'N':>11}{'D':>11}{'D/N':>10}  {'loss [95% interval]':<26}"
         f"{'P(best)':>8}{'x token':>9}"
     )
     for r in rec["methods"]:
         if r["loss"] is None:
             lines.append(f"{r['label']:<28}  no recommendation ({'; '.join(r['warnings'])})")
             continue
-        iv = f" [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]" if r["interval"] else ""
+        iv = f" [{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]" if r["interval"] else ""
         tag = " (max tokens)" if r["constrained_by_max_tokens"] else ""
         loss_txt = f"{r['loss']:.4f}{iv}"
         lines.append(
-            f"{r['label'] + tag:<28}{r['N']:>11.3e}{r['D']:>11.3e}{r['tokens_per_param']:>8.3g}  "
+            f"{r['label'] + tag:<28}{r['N']:>11.3e}{r['D']:>11.3e}{r['tokens_per_param']:>10.3g}  "
             f"{loss_txt:<26}"
             f"{_g(r.get('p_best'), 3):>8}{_g(r['multiplier_vs_token'], 3):>9}"
         )
@@ -169,7 +169,9 @@ def format_recommendation(rec: dict) -> str:
             )
         else:
             stages = "; token level throughout"
-        iv = f" [{best['interval'][0]:.4f}, {best['interval'][1]:.4f}]" if best["interval"] else ""
+        iv = f" [{best['interval'][0]:.4g}, {best['interval'][1]:.4g}]" if best["interval"] else ""
+        if best["warnings"]:
+            iv += " (an extrapolation: see the warnings)"
         lines.append(
             f"best: {best['label']}: N = {best['N']:.3g} parameters, D = {best['D']:.3g} "
             f"tokens{stages}; predicted loss {best['loss']:.4f}{iv}"
