@@ -14,6 +14,7 @@ import sys
 # Sub-command modules, in the order they appear in --help.
 _COMMAND_MODULES: list[str] = [
     "megapatch.commands.train",
+    "megapatch.commands.plan",
     "megapatch.commands.demo",
     "megapatch.data.cli",
     "megapatch.convert.cli",

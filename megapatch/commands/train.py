@@ -67,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dry-run", action="store_true", help="Print the stage plan and exit.")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the plan (stages, per-GPU memory, projected time on H100s, as megapatch plan "
+        "does for WORLD_SIZE ranks) and exit; no GPU or Transformer Engine needed.",
+    )
     add_run_arguments(p)
     p.set_defaults(func=run)

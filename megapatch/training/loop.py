@@ -520,15 +520,18 @@ def _by_name(plan: list[StagePlan], value) -> dict:  # noqa: ANN001
 
 
 def train(cfg: RunConfig, dry_run: bool = False) -> dict:
-    """Validate, print the plan, train. ``dry_run``: print the plan and return."""
+    """Validate, print the plan, train. ``dry_run``: print the plan (with the memory and time
+    projection of ``megapatch plan``) and return; it plans for any machine (no TE check)."""
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    # A dry run plans (possibly for another machine); a run checks this machine too.
-    plan = validate_config(cfg, world, runtime=not dry_run)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if dry_run:
+        from megapatch.commands.plan import build_report, print_report
+
+        report = print_report(cfg, world) if rank == 0 else build_report(cfg, world)
+        return dict(plan=report["stages"], report=report)
+    plan = validate_config(cfg, world)
     if rank == 0:
         print(format_plan(plan, world))
-    if dry_run:
-        return dict(plan=[s.as_dict() for s in plan])
     trainer = Trainer(cfg)
     try:
         return trainer.run()
