@@ -209,5 +209,3 @@ def from_args(cls: type, namespace: argparse.Namespace) -> Any:
     """Build dataclass ``cls`` from a namespace filled by :func:`add_arguments`."""
     names = [f.name for f in dataclasses.fields(cls) if f.name in vars(namespace)]
     return cls(**{name: getattr(namespace, name) for name in names})
-
-

@@ -263,7 +263,9 @@ def plan_study(
         os.path.join(study_dir, MANIFEST),
         "".join(json.dumps(r, sort_keys=False) + "\n" for r in merged),
     )
-    meta = dict(name=spec.name, spec=os.path.abspath(spec_path), slurm=spec.slurm)
+    # the spec relative to the study directory: the study can be moved or committed as is
+    spec_rel = os.path.relpath(os.path.abspath(spec_path), os.path.abspath(study_dir))
+    meta = dict(name=spec.name, spec=spec_rel, slurm=spec.slurm)
     meta["allow_repeated_data"] = spec.allow_repeated_data
     write_atomic(os.path.join(study_dir, STUDY_JSON), json.dumps(meta, indent=2) + "\n")
     report(format_manifest(active, seconds))

@@ -373,7 +373,8 @@ class LocalRunner:
         env["PYTHONUNBUFFERED"] = "1"
         attempt = len(read_attempts(rdir)) + 1
         log = open(os.path.join(rdir, LOG_FILE), "ab")  # noqa: SIM115
-        log.write(f"==== study run: attempt {attempt}: {' '.join(cmd)}\n".encode())
+        shown = " ".join(_relative(part) for part in cmd)  # the log names no machine paths
+        log.write(f"==== study run: attempt {attempt}: {shown}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             cmd,
@@ -450,3 +451,12 @@ def _tail(path: str, n: int) -> list[str]:
     except OSError:
         return []
     return lines[-n:]
+
+
+def _relative(part: str) -> str:
+    """A command-line word, with an absolute path under the working directory made relative."""
+    if os.path.isabs(part):
+        rel = os.path.relpath(part)
+        if not rel.startswith(".."):
+            return rel
+    return part

@@ -211,7 +211,9 @@ def _save(root, step, chunks, meta, optimizer, scheduler, with_rng, keep_last, h
     error = None
     try:
         dist_checkpointing.save(sd, partial)
-    except Exception as err:  # noqa: BLE001 - reported below, on every rank
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         error = err
     _raise_on_any_rank(error, root, step, partial)
     if hook is not None:
@@ -255,6 +257,9 @@ def _raise_on_any_rank(error: BaseException | None, root: str, step: int, partia
     full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(error)) or (
         "No space left on device" in text
     )
+    # torch's zip writer reports a short write as "unexpected pos"; megatron's writer workers
+    # may lose the errno on the way back: judge by the space left next to what was written.
+    full = full or (error is not None and _disk_looks_full(partial))
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
     previous = find_latest(root)
@@ -266,6 +271,19 @@ def _raise_on_any_rank(error: BaseException | None, root: str, step: int, partia
         + ("Free space (or move --save), then " if full else "Fix the cause, then ")
         + "run the same command again to resume."
     ) from error
+
+
+def _disk_looks_full(partial: str) -> bool:
+    """True when the file system holding ``partial`` has less room left than the part of the
+    checkpoint already written there (so the rest could not have fitted)."""
+    try:
+        free = shutil.disk_usage(partial).free
+        written = sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(partial) for f in names
+        )
+    except OSError:
+        return False
+    return free < max(written, 1 << 20)
 
 
 def _chain(error: BaseException | None) -> list[BaseException]:

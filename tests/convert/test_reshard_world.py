@@ -5,10 +5,12 @@ TP2 but to 512 at TP4, so the TP4 step re-pads and the way back shrinks again. A
 trained for three optimizer steps at TP2xPP2 and saved with its optimizer; every resharded
 checkpoint is loaded at its own layout and evaluated with megatron's pipeline schedule:
 
-* the loss over the real vocabulary (what transformers computes) is the same everywhere;
-* megatron's own loss (softmax over the padded vocabulary) is the same where the padding is
-  (also at PP2 with interleaving), and bit for bit the same after the round trip, whose
-  tensors all equal the original's;
+* the training loss (megapatch masks the padding rows out of its softmax) equals the loss over
+  the real vocabulary computed with megatron's own cross-entropy on masked logits (what
+  transformers computes), and is the same everywhere, re-padding included; bit for bit the same
+  after the round trip, whose tensors all equal the original's;
+* megatron's unmasked loss (softmax over the padded vocabulary) is the same where the padding
+  is (also at PP2 with interleaving) and moves when the TP4 step re-pads: the masking matters;
 * the resharded optimizer state continues training exactly as the original would have (a
   fresh optimizer, the control, does not);
 * the TP2xPP2 checkpoint exported to Hugging Face and imported back at TP2xPP2 gives the same
@@ -61,19 +63,20 @@ def _micro(data: dict) -> list[dict]:
     return [{k: v[i : i + 1] for k, v in data.items()} for i in range(r * per, (r + 1) * per)]
 
 
-def _reduce(reports: list[dict]) -> float:
+def _reduce(reports: list[dict], key: str = "lm loss") -> float:
     from megatron.core import parallel_state
 
     total = torch.zeros(2, dtype=torch.float64)
     for rep in reports:
-        total += rep["lm loss"].double()
+        total += rep[key].double()
     torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return float(total[0] / total[1])
 
 
-def _losses(chunks, data) -> tuple[float, float]:
-    """(megatron's loss over the padded vocabulary, the loss over the real vocabulary)."""
+def _losses(chunks, data) -> tuple[float, float, float]:
+    """(megapatch's training loss, the loss over the real vocabulary, megatron's unmasked loss
+    over the padded vocabulary); the last two from megatron's vocab-parallel cross-entropy."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -81,7 +84,7 @@ def _losses(chunks, data) -> tuple[float, float]:
 
     micro = _micro(data)
     kw = dict(num_microbatches=len(micro), micro_batch_size=1, seq_length=SEQ, forward_only=True)
-    megatron = S.forward_backward(
+    training = S.forward_backward(
         chunks,
         [iter(list(micro)) for _ in chunks],
         num_microbatches=len(micro),
@@ -100,8 +103,11 @@ def _losses(chunks, data) -> tuple[float, float]:
             ids = torch.arange(v_local) + tp_rank * v_local
             masked = logits.float().masked_fill(ids >= V, float("-inf"))  # a new tensor
             loss = tensor_parallel.vocab_parallel_cross_entropy(masked, b["labels"])
+            padded = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), b["labels"])
             s, n = loss.sum(), torch.tensor(loss.numel())
-            return s, n, {"lm loss": torch.stack([s.detach(), n.float()])}
+            rep = {"lm loss": torch.stack([s.detach(), n.float()])}
+            rep["padded loss"] = torch.stack([padded.sum().detach(), n.float()])
+            return s, n, rep
 
         return out, loss_func
 
@@ -111,7 +117,7 @@ def _losses(chunks, data) -> tuple[float, float]:
         model=chunks,
         **kw,
     )
-    return megatron, _reduce(reports)
+    return training, _reduce(reports), _reduce(reports, "padded loss")
 
 
 def _setup(par, path=None, *, with_optimizer=True):
@@ -236,15 +242,16 @@ def world(tmp_path_factory):
 
 
 def test_every_layout_gives_the_same_loss(world):
-    ref_megatron, ref_real = world["a"]
-    print(f"\nreal-vocabulary loss at TP2xPP2 {ref_real:.6f}; megatron loss {ref_megatron:.6f}")
+    ref_training, ref_real, ref_padded = world["a"]
+    print(f"\nat TP2xPP2: training {ref_training:.6f} real {ref_real:.6f} padded {ref_padded:.6f}")
     for name in ("b", "c", "d", "d_vpp", "e"):
-        megatron, real = world[name]
-        print(f"  {name}: real {real:.6f} megatron {megatron:.6f}")
+        training, real, padded = world[name]
+        print(f"  {name}: training {training:.6f} real {real:.6f} padded {padded:.6f}")
         assert abs(real - ref_real) < TOL, name
-    # Same padding (256 rows): megatron's own loss agrees too.
-    assert abs(world["b"][0] - ref_megatron) < TOL
-    assert abs(world["d_vpp"][0] - ref_megatron) < TOL
+        assert abs(training - real) < TOL, name  # the training loss is the real-vocabulary one
+    # Same padding (256 rows): megatron's unmasked loss agrees too.
+    assert abs(world["b"][2] - ref_padded) < TOL
+    assert abs(world["d_vpp"][2] - ref_padded) < TOL
 
 
 def test_round_trip_restores_every_tensor_bit_for_bit(world):
@@ -257,11 +264,13 @@ def test_round_trip_restores_every_tensor_bit_for_bit(world):
 
 def test_repadding_changes_only_megatrons_padded_softmax(world):
     assert world["c_padded"] == (256, 512)
-    # 256 more padding logits in megatron's softmax raise its loss a little; the real-vocabulary
-    # loss does not move. New rows are the mean of the real rows: at most log(1 + 256/250).
-    delta = world["c"][0] - world["a"][0]
-    print(f"\nmegatron loss change from re-padding 256 -> 512 rows: {delta:+.5f}")
+    # 256 more padding logits in megatron's unmasked softmax raise its loss a little (new rows
+    # are the mean of the real rows: at most log(1 + 256/250)); the training loss, whose
+    # softmax spans the real vocabulary only, does not move.
+    delta = world["c"][2] - world["a"][2]
+    print(f"\nmegatron's unmasked loss change from re-padding 256 -> 512 rows: {delta:+.5f}")
     assert 0 < delta < torch.log(torch.tensor(1 + 256 / 250)).item()
+    assert abs(world["c"][0] - world["a"][0]) < TOL
 
 
 def test_resharded_optimizer_state_continues_training(world):

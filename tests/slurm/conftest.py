@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,18 @@ class LocalSlurm:
         return env
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        """A Slurm client command (sbatch, squeue, scontrol, scancel) against this Slurm."""
-        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=60)
+        """A Slurm client command (sbatch, squeue, scontrol, scancel) against this Slurm.
+
+        Read-only queries (squeue, scontrol show) are retried when slurmctld did not answer
+        (a 2-core machine busy with many trainers); commands that act are run once."""
+        query = cmd[0] == "squeue" or cmd[:2] == ("scontrol", "show")
+        for _attempt in range(4 if query else 1):
+            proc = subprocess.run(
+                list(cmd), env=self.env(), capture_output=True, text=True, timeout=120
+            )
+            if proc.returncode == 0 or not query:
+                break
+            time.sleep(5)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
         return proc

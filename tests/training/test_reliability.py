@@ -236,6 +236,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(full_tp1, data_prefix, tmp_pa
     assert "checkpoint of step 8" in line and "the disk is full" in line
     assert f"{root / 'iter_0000004'} is intact" in line
     assert sorted(p.name for p in root.iterdir()) == [
+        ".megapatch.lock",  # the lock of a --save root outside the run dir
         "iter_0000004",
         "latest_checkpointed_iteration.txt",
     ]

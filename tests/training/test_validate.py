@@ -219,7 +219,7 @@ def _fake_checkpoint(path, **meta):
     import json
 
     path.mkdir(parents=True)
-    body = dict(format_version=1, complete=True, step=0, **meta)
+    body = dict(format_version=1, complete=True, step=0, files={}, **meta)
     (path / "megapatch.json").write_text(json.dumps(body))
     return str(path)
 
