@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_left_behind():
+    """No test leaves torch rendezvous variables in this process's environment: every process
+    started later (trainers, converters, sbatch jobs) would inherit one MASTER_PORT."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    after = {k: os.environ.get(k) for k in RENDEZVOUS}
+    assert after == before, f"the test changed os.environ's rendezvous variables: {after}"
 
 
 @pytest.fixture(scope="session")

@@ -38,14 +38,18 @@ def init_process_group(timeout_s: float = 600.0) -> tuple[int, int]:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = None
     if "MASTER_PORT" not in os.environ:
         if world > 1:
             raise RuntimeError(
                 "MASTER_PORT is not set for a multi-process run: launch with torchrun, or export "
                 "MASTER_ADDR and MASTER_PORT in the job script (see slurm/)"
             )
-        os.environ["MASTER_PORT"] = str(find_free_port())
+        # One process: an in-memory store, no port, and nothing left in os.environ for the
+        # processes this one starts (a MASTER_PORT there would be shared by all of them).
+        store = torch.distributed.HashStore()
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -55,6 +59,7 @@ def init_process_group(timeout_s: float = 600.0) -> tuple[int, int]:
         backend=backend,
         rank=rank,
         world_size=world,
+        store=store,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return rank, world

@@ -25,8 +25,15 @@ class LocalSlurm:
     conf: str
 
     def env(self, **extra: str) -> dict[str, str]:
-        """os.environ without any enclosing job's SLURM_* variables, pointed at this Slurm."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        """os.environ without any enclosing job's SLURM_* variables or a torch rendezvous
+        (sbatch exports the submitting environment: a MASTER_PORT there would be every job's),
+        pointed at this Slurm."""
+        rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_")) and k not in rendezvous
+        }
         env["SLURM_CONF"] = self.conf
         env.update(extra)
         return env

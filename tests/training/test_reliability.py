@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from megapatch.config import ConfigError
 from megapatch.training import exit_codes
 from megapatch.training.checkpoint import find_latest, read_meta, verify_checkpoint
 from megapatch.training.metrics import read_records
+from megapatch.training.validate import validate_config
 from tests.training.conftest import tiny_run
 from tests.training.runs import check, check_stopped, kill_group, launch, losses, start, train_steps
 
@@ -35,21 +37,23 @@ def test_a_changed_plan_is_refused_on_resume_naming_the_flags(data_prefix, tmp_p
     run_dir = str(tmp_path / "plan")
     cfg = tiny_run(data_prefix, run_dir, training=dict(exit_interval=4))
     check_stopped(launch(cfg), run_dir)
+    # The real command: refused by validation (exit 2), before any model is built.
+    proc = launch(tiny_run(data_prefix, run_dir, stages=dict(patch_size=2)))
+    check(proc, exit_codes.BAD_INPUT)
+    assert "--patch-size 2 (checkpoint: 4)" in _error_line(proc)
+    assert "--replan" in _error_line(proc)
+    # The other changes: the same check, in this process (what `train` runs first).
     for section, change, flag in [
-        ("stages", dict(patch_size=2), "--patch-size 2 (checkpoint: 4)"),
         ("training", dict(train_tokens=24 * 1024, exit_interval=4), "--train-tokens 24576"),
         ("stages", dict(patch_fraction=0.5), "--patch-fraction 0.5"),
         ("data", dict(seq_length=32), "--seq-length 32 (checkpoint: 64)"),
         ("training", dict(global_batch_size=8, exit_interval=4), "--global-batch-size 8"),
+        ("data", dict(seed=7), "--seed 7 (checkpoint: 1234)"),
     ]:
-        other = tiny_run(data_prefix, run_dir, **{section: change})
-        proc = launch(other)
-        check(proc, exit_codes.BAD_INPUT)  # refused by validation, before any model is built
-        assert flag in _error_line(proc) and "--replan" in _error_line(proc)
-    data = tiny_run(data_prefix, run_dir, data=dict(seed=7))
-    proc = launch(data)
-    check(proc, exit_codes.BAD_INPUT)
-    assert "--seed 7 (checkpoint: 1234)" in _error_line(proc)
+        with pytest.raises(ConfigError) as err:
+            validate_config(tiny_run(data_prefix, run_dir, **{section: change}), 1)
+        assert flag in str(err.value), str(err.value)
+        assert "--seed" in flag or "--replan" in str(err.value)
     # Mid patch stage with shuffled samples, a re-plan cannot be exact: refused, naming the
     # stage's end (step 11) as the point to re-plan from.
     replan = tiny_run(data_prefix, run_dir, stages=dict(patch_size=2), checkpoint=dict(replan=True))
