@@ -7,11 +7,13 @@
 # then prints the CUDA-vs-CPU correctness and timing table last. On a CPU machine it is a dry run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import megatron.core" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && ! command -v nvidia-smi >/dev/null && PY=.venv/bin/python  # CPU dry run
+if ! "$PY" -c "import megatron.core" 2>/dev/null; then
+    ls .whl/megatron_core-*.whl >/dev/null 2>&1 \
+        || { echo "gpu_check: megatron-core is not importable and no wheel is in .whl/ (see above)" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && ! command -v nvidia-smi >/dev/null && PY=.venv/bin/python
 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py
