@@ -1,4 +1,5 @@
-"""The real CLI in real processes: kill -9 and resume, SIGTERM, layouts' first steps.
+"""The real CLI in real processes: kill -9 and resume, layouts' first steps (stop signals:
+test_signals.py, to the trainer's whole process group at many moments).
 
 Every run is a `megapatch train` process (torchrun for several ranks) on a small real dataset.
 Loss trajectories are compared step by step; on CPU in fp32 a resumed run must reproduce the
@@ -10,9 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +18,10 @@ import pytest
 from megapatch.training import exit_codes
 from tests.training.conftest import tiny_run
 from tests.training.runs import (
-    ENV,
     check,
     check_stopped,
-    command,
-    kill_group,
     launch,
     losses,
-    write_config,
 )
 
 
@@ -70,51 +64,25 @@ def test_kill_9_and_resume_is_bit_identical_tp1(full_tp1, data_prefix, tmp_path)
     assert train_steps(run_dir) == list(range(1, 17))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(full_tp1, data_prefix, tmp_path):
-    _, reference, _ = full_tp1
-    run_dir = str(tmp_path / "term")
-    cfg = tiny_run(data_prefix, run_dir)
-    proc = subprocess.Popen(  # this test signals the trainer alone (its helpers: below)
-        command(write_config(cfg), 1),
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    metrics = Path(run_dir) / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 2,' in metrics.read_text():
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == exit_codes.STOPPED, out[-2000:] + err[-2000:]
-    assert "[exit] SIGTERM: checkpoint of step" in out
-    stopped = max(losses(run_dir))
-    assert stopped < 16, "SIGTERM arrived too late to test anything"
-    assert (Path(run_dir) / "checkpoints" / f"iter_{stopped:07d}" / "megapatch.json").exists()
-    check(launch(cfg))
-    assert losses(run_dir) == reference
-
-
 def test_kill_9_and_resume_is_bit_identical_tp2_dp2_distributed_optimizer(data_prefix, tmp_path):
-    """4 ranks: killed right after the stage boundary (step 12), it resumes from the boundary's
-    checkpoint (step 11: sharded optimizer state, stage switch) and ends bit for bit as the
-    uninterrupted run; the patch-stage and token-stage kills are covered at TP1 above."""
-    parallel = dict(tensor_model_parallel_size=2)
-    optimizer = dict(use_distributed_optimizer=True)
-    full_dir = str(tmp_path / "full4")
-    check(launch(tiny_run(data_prefix, full_dir, parallel=parallel, optimizer=optimizer), 4))
-    reference = losses(full_dir)
-    resumed = _kill_chain(
-        data_prefix, str(tmp_path / "killed4"), 4, parallel, (12,), optimizer=optimizer
+    """4 ranks, 12 steps (8 patch, 4 token): killed right after the stage boundary (step 9),
+    it resumes from the boundary's checkpoint (step 8: sharded optimizer state, stage switch)
+    and ends bit for bit as the uninterrupted run; the patch-stage and token-stage kills are
+    covered at TP1 above."""
+    sections = dict(
+        parallel=dict(tensor_model_parallel_size=2),
+        optimizer=dict(use_distributed_optimizer=True),
+        training=dict(train_tokens=12 * 1024),
     )
-    assert resumed == reference
+    full_dir = str(tmp_path / "full4")
+    check(launch(tiny_run(data_prefix, full_dir, **sections), 4))
+    reference = losses(full_dir)
+    assert sorted(reference) == list(range(1, 13))
+    killed = tiny_run(data_prefix, str(tmp_path / "killed4"), **sections)
+    assert launch(killed, 4, fault_at=9).returncode != 0
+    assert max(losses(killed.run_dir)) == 9
+    check(launch(killed, 4))
+    assert losses(killed.run_dir) == reference
 
 
 @pytest.mark.parametrize(
